@@ -1,0 +1,78 @@
+# Two commands do all set-up on a fresh machine (see README.md):
+#   make book   build the website into _build/html   (EXECUTE=1 re-runs every notebook first)
+#   make test   run every test: notebooks clean and in sync, every notebook (smoke profile), pytest
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel on CI and on machines without a GPU. GPU users: install the CUDA build into .venv first
+# (see README); an installed torch that satisfies setup.py is kept.
+TORCH_SPEC ?= torch==2.13.0
+WIDGETS_JS := _widgets
+NPM_DIR := _build/npm
+
+.PHONY: test book execute venv clean-check sync-check nbtest pytest bench help
+
+help:
+	@echo "make test   - set up .venv and run every test"
+	@echo "make book   - set up .venv and build the book into _build/html (EXECUTE=1 re-executes notebooks)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Installs are stamped so a second run is instant; editing setup.py or settings.ini reinstalls.
+$(VENV)/.installed-dev: $(BIN)/python setup.py settings.ini
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+$(VENV)/.installed-book: $(VENV)/.installed-dev
+	$(BIN)/pip install -e ".[dev,book]"
+	touch $@
+
+venv: $(VENV)/.installed-dev
+
+clean-check: venv
+	@before=$$(cat nbs/*.ipynb | sha256sum); $(BIN)/nbdev_clean >/dev/null; \
+	after=$$(cat nbs/*.ipynb | sha256sum); \
+	if [ "$$before" != "$$after" ]; then echo "FAIL: nbdev_clean changed notebooks (now cleaned): review and commit them"; exit 1; fi; \
+	echo "notebooks are clean"
+
+sync-check: venv
+	@before=$$(cat llm_from_scratch/*.py | sha256sum); $(BIN)/nbdev_export; \
+	after=$$(cat llm_from_scratch/*.py | sha256sum); \
+	if [ "$$before" != "$$after" ]; then echo "FAIL: nbdev_export changed llm_from_scratch/: notebooks and library were out of sync; commit both"; exit 1; fi; \
+	echo "library is in sync with the notebooks"
+
+nbtest: venv
+	LLM_FROM_SCRATCH_PROFILE=smoke MPLBACKEND=Agg $(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest: venv
+	LLM_FROM_SCRATCH_PROFILE=smoke MPLBACKEND=Agg $(BIN)/python -m pytest tests -q -ra
+
+test: clean-check sync-check nbtest pytest
+
+# Widget manager JS for static ipywidgets, vendored from npm (no CDN at view time).
+# Kept outside _static/ so Sphinx does not load it twice.
+$(WIDGETS_JS)/embed-amd.js:
+	mkdir -p $(NPM_DIR) $(WIDGETS_JS)
+	npm install --silent --no-audit --no-fund --prefix $(NPM_DIR) @jupyter-widgets/html-manager@1.0.15 requirejs@2.3.8
+	cp $(NPM_DIR)/node_modules/requirejs/require.js $(WIDGETS_JS)/require.js
+	cp $(NPM_DIR)/node_modules/@jupyter-widgets/html-manager/dist/embed-amd.js $(WIDGETS_JS)/embed-amd.js
+
+execute: venv
+	for nb in nbs/index.ipynb nbs/[0-9]*.ipynb; do \
+	  echo "executing $$nb"; \
+	  MPLBACKEND=module://matplotlib_inline.backend_inline $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=3600 --ExecutePreprocessor.store_widget_state=True "$$nb" || exit 1; \
+	done
+	$(BIN)/nbdev_clean
+
+book: $(VENV)/.installed-book $(WIDGETS_JS)/embed-amd.js
+	$(BIN)/nbdev_export
+	@if [ "$(EXECUTE)" = "1" ]; then $(MAKE) execute; fi
+	$(BIN)/jupyter-book build . --builder html -W -n --keep-going
+	@echo "The book is at $(CURDIR)/_build/html/index.html"
+
+bench: venv
+	$(BIN)/python tests/benchmarks/bench_train.py

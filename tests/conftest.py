@@ -1,0 +1,64 @@
+"""Shared fixtures: an isolated cache, and a throw-away HTTP server on the loopback address."""
+import http.server
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """An empty cache folder and no mirror: what a fresh machine sees."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LLM_FROM_SCRATCH_CACHE", str(cache))
+    monkeypatch.delenv("LLM_FROM_SCRATCH_DATA", raising=False)
+    return cache
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    routes: dict = {}
+    hits: list = []
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self.hits.append(self.path)
+        if self.path not in self.routes:
+            self.send_error(404)
+            return
+        body, mode = self.routes[self.path]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if mode == "truncate":          # announce the whole file, send half, hang up
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):       # keep test output quiet
+        pass
+
+
+@pytest.fixture
+def local_server():
+    """Serve bytes on 127.0.0.1: `server.add('/x', b'...', mode='ok'|'truncate')`, `server.url('/x')`."""
+    handler = type("H", (_Handler,), {"routes": {}, "hits": []})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+
+    class Server:
+        hits = handler.hits
+        def add(self, path, body, mode="ok"):
+            handler.routes[path] = (body, mode)
+        def url(self, path):
+            return f"http://127.0.0.1:{httpd.server_address[1]}{path}"
+
+    try:
+        yield Server()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
