@@ -71,8 +71,8 @@ execute: venv
 book: $(VENV)/.installed-book $(WIDGETS_JS)/embed-amd.js
 	$(BIN)/nbdev_export
 	@if [ "$(EXECUTE)" = "1" ]; then $(MAKE) execute; fi
-	$(BIN)/jupyter-book build . --builder html -W -n --keep-going
+	$(BIN)/jupyter-book build . --all --builder html -W -n --keep-going
 	@echo "The book is at $(CURDIR)/_build/html/index.html"
 
 bench: venv
-	$(BIN)/python tests/benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_train.py
