@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (see README.md):
 #   make book   build the website into _build/html   (EXECUTE=1 re-runs every notebook first)
-#   make test   run every test: notebooks clean and in sync, every notebook (smoke profile), pytest
+#   make test   run every test: notebooks clean and in sync, every notebook (smoke profile), the book builds
+#               without warnings, pytest (which also opens the built pages in headless Chromium)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -50,7 +51,7 @@ nbtest: venv
 pytest: venv
 	LLM_FROM_SCRATCH_PROFILE=smoke MPLBACKEND=Agg $(BIN)/python -m pytest tests -q -ra
 
-test: clean-check sync-check nbtest pytest
+test: clean-check sync-check nbtest book pytest
 
 # Widget manager JS for static ipywidgets, vendored from npm (no CDN at view time).
 # Kept outside _static/ so Sphinx does not load it twice.

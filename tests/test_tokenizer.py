@@ -140,6 +140,13 @@ def test_bpe_matches_tiktoken_on_the_verdict(bpe, tik, verdict):
     assert bpe.decode(ids) == verdict
 
 
+def test_bpe_matches_tiktoken_on_all_of_tiny_shakespeare(bpe, tik):
+    text = read_text("tinyshakespeare.txt")                       # about 1.1M characters, 338k tokens
+    ids = bpe.encode(text)
+    assert len(ids) == 338_025 and ids == tik.encode(text)
+    assert bpe.decode(ids) == text
+
+
 def test_bpe_special_tokens_follow_tiktoken(bpe, tik):
     text = "a <|endoftext|> b<|endoftext|>"
     assert bpe.encode(text, allowed_special={"<|endoftext|>"}) == tik.encode(text, allowed_special={"<|endoftext|>"})

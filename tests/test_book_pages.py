@@ -1,0 +1,106 @@
+"""The built book (`make book`, which `make test` runs first) in a real headless browser.
+
+Checks what a reader sees without a kernel: every page loads without JavaScript errors, the static
+attention explorer draws a heatmap and switches heads, the perplexity explorer's slider changes its bars,
+and the live ipywidgets saved in the pages render from the locally vendored widget manager."""
+from pathlib import Path
+
+import pytest
+
+from test_widgets_browser import ARGS, CHROMIUM
+
+ROOT = Path(__file__).resolve().parents[1]
+HTML = ROOT / "_build" / "html"
+PAGES = sorted((HTML / "nbs").glob("*.html")) if HTML.exists() else []
+
+pytestmark = pytest.mark.skipif(not (HTML / "nbs" / "index.html").exists(),
+                                reason="the book is not built: run `make book` (make test does)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright)")
+    if CHROMIUM is None:
+        pytest.skip("no Chromium found (Debian: apt-get install chromium)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def _open(browser, name):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((HTML / "nbs" / name).as_uri())
+    page.wait_for_load_state("load")
+    return page, errors
+
+
+def test_every_part_is_in_the_book():
+    notebooks = {p.stem for p in (ROOT / "nbs").glob("*.ipynb")}
+    assert notebooks == {p.stem for p in PAGES}
+
+
+@pytest.mark.parametrize("name", [p.name for p in PAGES])
+def test_page_renders_without_javascript_errors(browser, name):
+    page, errors = _open(browser, name)
+    assert page.locator("article h1").count() >= 1, f"{name} has no title"
+    assert errors == [], f"{name}: {errors}"
+    page.close()
+
+
+def test_part_02_screenshot(browser):
+    page, errors = _open(browser, "02_tokenization.html")
+    assert "Part 2" in page.locator("article h1").first.inner_text()
+    assert page.locator("div.cell_output").count() > 5                # stored outputs are rendered
+    page.screenshot(path="/tmp/book_part02.png")
+    assert errors == []
+
+
+def test_attention_explorer_in_the_book_switches_heads(browser):
+    page, errors = _open(browser, "12_multi_head_attention.html")
+    explorer = page.locator(".lfs-attn").filter(has=page.locator("select.lfs-head")).first
+    cells = explorer.locator(".lfs-cell")
+    assert cells.count() > 0
+    before = [c.get_attribute("data-w") for c in cells.all()]
+    options = explorer.locator("select.lfs-head option")
+    assert options.count() >= 2
+    explorer.locator("select.lfs-head").select_option(options.nth(1).get_attribute("value"))
+    after = [c.get_attribute("data-w") for c in cells.all()]
+    assert after != before, "choosing another head must redraw the heatmap"
+    explorer.screenshot(path="/tmp/book_attention_explorer.png")
+    assert errors == []
+
+
+def test_causal_explorer_in_part_09_masks_the_future(browser):
+    page, errors = _open(browser, "09_causal_attention.html")
+    explorer = page.locator(".lfs-attn").first
+    n = explorer.locator(".lfs-q").count()
+    weights = [float(c.get_attribute("data-w")) for c in explorer.locator(".lfs-cell").all()]
+    assert len(weights) == n * n
+    assert all(weights[i * n + j] == 0 for i in range(n) for j in range(i + 1, n))   # nothing above the diagonal
+    assert errors == []
+
+
+def test_perplexity_explorer_in_the_book_follows_the_slider(browser):
+    page, errors = _open(browser, "21_perplexity.html")
+    root = page.locator(".lfs-ppx").first
+    root.locator(".ppx-tok").nth(2).click()
+    bars = lambda: [f.get_attribute("style") for f in root.locator(".ppx-detail .ppx-fill").all()]
+    before, mean_before = bars(), root.locator(".ppx-sum").get_attribute("data-mean")
+    root.locator("input.ppx-temp").evaluate("el => { el.value = el.max; el.dispatchEvent(new Event('input')); }")
+    assert bars() != before and root.locator(".ppx-sum").get_attribute("data-mean") != mean_before
+    root.screenshot(path="/tmp/book_perplexity_explorer.png")
+    assert errors == []
+
+
+@pytest.mark.parametrize("name", ["05_self_attention.html", "21_perplexity.html"])
+def test_saved_ipywidgets_render_from_local_files(browser, name):
+    page, errors = _open(browser, name)
+    page.wait_for_selector(".widget-box, .jupyter-widgets", timeout=15_000)   # drawn by the vendored manager
+    assert page.locator(".jupyter-widgets").count() > 0
+    assert errors == []
