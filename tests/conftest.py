@@ -1,12 +1,23 @@
-"""Shared fixtures: an isolated cache, and a throw-away HTTP server on the loopback address."""
+"""Shared fixtures: one torch thread per test, an isolated cache, and a throw-away HTTP server on the loopback address."""
 import http.server
 import os
 import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test uses tiny tensors: one thread is faster there, and tests do not fight other processes
+    (or each other) for the CPU's cores. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -1,0 +1,177 @@
+"""Part 22: loading GPT-2 weights written by others (Hugging Face safetensors, the book's .pth), offline."""
+import datetime
+import socket
+import sys
+
+import pytest
+import torch
+
+from llm_from_scratch.model import GPTModel
+from llm_from_scratch.train import (GPT2_HF_REPOS, CheckpointError, PretrainedWeightsUnavailableError,
+                                    gpt2_config_from_hf, load_gpt2, load_gpt2_from_dir, load_gpt2_pth,
+                                    load_hf_gpt2_weights)
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=50257)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**SMALL)).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(hf_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    hf_model.save_pretrained(folder)
+    return folder
+
+
+IDS = torch.tensor([[464, 3290, 318, 257, 1332, 13, 6288, 1110, 11, 290, 50256, 1169]])
+
+
+def test_loaded_model_matches_transformers_logits(hf_model, hf_dir):
+    ours = load_gpt2_from_dir(hf_dir, device="cpu")
+    assert not ours.training
+    assert ours.cfg == {"vocab_size": 50257, "context_length": 64, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
+                        "drop_rate": 0.1, "qkv_bias": True}
+    with torch.no_grad():
+        diff = (hf_model(IDS).logits - ours(IDS)).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_prefixed_and_unprefixed_keys_and_old_mask_buffers_load(hf_model):
+    sd = hf_model.state_dict()
+    plain = {k.removeprefix("transformer."): v for k, v in sd.items()}     # the Hub files' own naming
+    plain["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)                    # older files carry the mask buffer
+    cfg = gpt2_config_from_hf(SMALL)
+    a = load_hf_gpt2_weights(GPTModel(cfg).eval(), sd)
+    b = load_hf_gpt2_weights(GPTModel(cfg).eval(), plain)
+    with torch.no_grad():
+        assert torch.equal(a(IDS), b(IDS))
+
+
+def test_one_wrong_shaped_tensor_is_named(hf_model):
+    sd = dict(hf_model.state_dict())
+    sd["transformer.h.1.attn.c_proj.weight"] = torch.zeros(64, 32)
+    with pytest.raises(CheckpointError) as err:
+        load_hf_gpt2_weights(GPTModel(gpt2_config_from_hf(SMALL)), sd)
+    msg = str(err.value)
+    assert "h.1.attn.c_proj.weight" in msg and "(64, 32)" in msg and "(64, 64)" in msg
+
+
+def test_missing_and_leftover_tensors_are_named(hf_model):
+    sd = dict(hf_model.state_dict())
+    del sd["transformer.h.1.ln_2.bias"]
+    with pytest.raises(CheckpointError, match=r"h\.1\.ln_2\.bias"):
+        load_hf_gpt2_weights(GPTModel(gpt2_config_from_hf(SMALL)), sd)
+    one_layer = gpt2_config_from_hf({**SMALL, "n_layer": 1})
+    with pytest.raises(CheckpointError, match=r"h\.1\."):
+        load_hf_gpt2_weights(GPTModel(one_layer), hf_model.state_dict())
+
+
+def test_unsupported_gpt2_variants_are_refused():
+    with pytest.raises(ValueError, match="activation_function"):
+        gpt2_config_from_hf({**SMALL, "activation_function": "relu"})
+    with pytest.raises(ValueError, match="n_embd"):
+        gpt2_config_from_hf({"n_layer": 2})
+
+
+def test_folder_without_config_or_weights(tmp_path, hf_dir):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_gpt2_from_dir(tmp_path)
+    (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_gpt2_from_dir(tmp_path)
+    data = (hf_dir / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_gpt2_from_dir(tmp_path)
+
+
+def test_unknown_model_size_lists_the_valid_ones():
+    with pytest.raises(ValueError) as err:
+        load_gpt2("7B")
+    assert all(size in str(err.value) for size in ("124M", "355M", "774M", "1558M"))
+
+
+def test_size_names_map_to_the_hub_repositories():
+    assert GPT2_HF_REPOS["124M"] == GPT2_HF_REPOS["gpt2-small (124M)"] == "openai-community/gpt2"
+    assert GPT2_HF_REPOS["gpt2-medium"] == "openai-community/gpt2-medium"
+    assert GPT2_HF_REPOS["774M"] == "openai-community/gpt2-large"
+    assert GPT2_HF_REPOS["gpt2-xl (1558M)"] == "openai-community/gpt2-xl"
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    "Offline mode, an empty Hugging Face cache, and sockets that refuse to connect."
+    hf_home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_home / "hub"))
+    import huggingface_hub.constants as hc              # constants are read at import: patch them too
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(hc, "HF_HOME", str(hf_home), raising=False)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(hf_home / "hub"), raising=False)
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted in a test")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return hf_home
+
+
+@pytest.mark.parametrize("source", ["hf", "book"])
+def test_offline_with_nothing_cached_says_what_to_do(no_network, tmp_path, source):
+    with pytest.raises(PretrainedWeightsUnavailableError) as err:
+        load_gpt2("124M", models_dir=tmp_path / "empty", source=source)
+    msg = str(err.value)
+    assert "offline" in msg and ("load_gpt2_from_dir" in msg or "load_gpt2_pth" in msg)
+    assert "openai-community/gpt2" in msg or "rasbt/gpt2-from-scratch-pytorch" in msg
+
+
+def test_missing_huggingface_hub_gives_an_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(ImportError, match="pip install huggingface_hub"):
+        load_gpt2("124M")
+
+
+def test_book_format_pth_loads_strictly(tmp_path, hf_dir):
+    ours = load_gpt2_from_dir(hf_dir, device="cpu")
+    path = tmp_path / "gpt2-tiny.pth"
+    torch.save(ours.state_dict(), path)
+    again = load_gpt2_pth(path, ours.cfg, device="cpu")
+    assert not again.training
+    with torch.no_grad():
+        assert torch.equal(again(IDS), ours(IDS))
+
+
+def test_book_format_pth_config_is_read_off_the_shapes_for_gpt2_sizes(tmp_path):
+    cfg = {"vocab_size": 50, "context_length": 8, "emb_dim": 768, "n_heads": 12, "n_layers": 1,
+           "drop_rate": 0.1, "qkv_bias": True}
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    assert load_gpt2_pth(tmp_path / "m.pth", device="cpu").cfg == cfg
+
+
+def test_book_format_pth_with_a_missing_key_names_it(tmp_path, hf_dir):
+    ours = load_gpt2_from_dir(hf_dir, device="cpu")
+    sd = ours.state_dict()
+    del sd["trf_blocks.0.att.W_key.bias"]
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"missing .*trf_blocks\.0\.att\.W_key\.bias"):
+        load_gpt2_pth(tmp_path / "bad.pth", ours.cfg)
+    sd = ours.state_dict()
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "extra.pth")
+    with pytest.raises(CheckpointError, match=r"unexpected .*extra\.weight"):
+        load_gpt2_pth(tmp_path / "extra.pth", ours.cfg)
+
+
+def test_pth_holding_arbitrary_objects_is_refused(tmp_path):
+    torch.save({"tok_emb.weight": torch.zeros(2, 2), "x": datetime.timedelta(days=1)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="weights_only=False"):
+        load_gpt2_pth(tmp_path / "evil.pth")
