@@ -61,6 +61,15 @@ $(WIDGETS_JS)/embed-amd.js:
 	cp $(NPM_DIR)/node_modules/requirejs/require.js $(WIDGETS_JS)/require.js
 	cp $(NPM_DIR)/node_modules/@jupyter-widgets/html-manager/dist/embed-amd.js $(WIDGETS_JS)/embed-amd.js
 
+# MathJax 3 for the book's formulas, vendored the same way (Sphinx would load it from a CDN): the combined
+# TeX/MathML build plus the components it loads lazily (fonts, extensions, accessibility, menu).
+MATHJAX_PARTS := output input a11y ui sre
+$(WIDGETS_JS)/mathjax/tex-mml-chtml.js:
+	mkdir -p $(NPM_DIR) $(WIDGETS_JS)/mathjax
+	npm install --silent --no-audit --no-fund --prefix $(NPM_DIR) mathjax@3.2.2
+	cp $(NPM_DIR)/node_modules/mathjax/es5/tex-mml-chtml.js $(WIDGETS_JS)/mathjax/
+	for d in $(MATHJAX_PARTS); do cp -r $(NPM_DIR)/node_modules/mathjax/es5/$$d $(WIDGETS_JS)/mathjax/; done
+
 execute: venv
 	for nb in nbs/index.ipynb nbs/[0-9]*.ipynb; do \
 	  echo "executing $$nb"; \
@@ -69,7 +78,7 @@ execute: venv
 	done
 	$(BIN)/nbdev_clean
 
-book: $(VENV)/.installed-book $(WIDGETS_JS)/embed-amd.js
+book: $(VENV)/.installed-book $(WIDGETS_JS)/embed-amd.js $(WIDGETS_JS)/mathjax/tex-mml-chtml.js
 	$(BIN)/nbdev_export
 	@if [ "$(EXECUTE)" = "1" ]; then $(MAKE) execute; fi
 	$(BIN)/jupyter-book build . --all --builder html -W -n --keep-going

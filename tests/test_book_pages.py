@@ -104,3 +104,18 @@ def test_saved_ipywidgets_render_from_local_files(browser, name):
     page.wait_for_selector(".widget-box, .jupyter-widgets", timeout=15_000)   # drawn by the vendored manager
     assert page.locator(".jupyter-widgets").count() > 0
     assert errors == []
+
+
+def test_formulas_are_typeset_from_the_local_mathjax(browser):
+    page = browser.new_page()
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((HTML / "nbs" / "20_cross_entropy.html").as_uri())
+    page.wait_for_selector("mjx-container", timeout=20_000)          # MathJax replaced the TeX with its output
+    assert page.locator("mjx-container").count() >= 20
+    assert not any("cdn." in u or "jsdelivr" in u for u in requests), "the book must not need a CDN"
+    assert any(u.endswith("_static/mathjax/tex-mml-chtml.js") or "_static/mathjax/tex-mml-chtml.js?" in u
+               for u in requests)
+    assert errors == []
