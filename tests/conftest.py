@@ -1,6 +1,7 @@
-"""Shared fixtures: one torch thread per test, an isolated cache, and a throw-away HTTP server on the loopback address."""
+"""Shared fixtures: one torch thread per test, an isolated cache, a throw-away HTTP server on the loopback
+address, and a headless Chromium for the browser tests."""
 import http.server
-import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -73,3 +74,27 @@ def local_server():
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+# Debian's chromium (what .ci/run installs), or Google Chrome (what GitHub's runners ship).
+CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or "",
+                             shutil.which("google-chrome") or "")
+                 if p and Path(p).exists()), None)
+# Headless, and quiet on a machine without internet: no background requests, no updates, no sync.
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the whole run, driven by Playwright; skips, saying why, if either is missing."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright)")
+    if CHROMIUM is None:
+        pytest.skip("no Chromium found (Debian: apt-get install chromium)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()

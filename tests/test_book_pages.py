@@ -7,28 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from test_widgets_browser import ARGS, CHROMIUM
-
 ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
 PAGES = sorted((HTML / "nbs").glob("*.html")) if HTML.exists() else []
 
 pytestmark = pytest.mark.skipif(not (HTML / "nbs" / "index.html").exists(),
                                 reason="the book is not built: run `make book` (make test does)")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright)")
-    if CHROMIUM is None:
-        pytest.skip("no Chromium found (Debian: apt-get install chromium)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 def _open(browser, name):

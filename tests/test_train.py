@@ -1,6 +1,5 @@
 """Part 22: training loop, checkpoints and exact resume (tiny configs, CPU, a few seconds each)."""
 import os
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,33 +1,10 @@
 """The static attention explorer in a real browser (headless Chromium driven by Playwright).
 
-Skipped, with the reason, only when neither Chromium nor Playwright is available."""
-import shutil
-from pathlib import Path
-
+The `browser` fixture (conftest.py) skips, with the reason, only when Chromium or Playwright is missing."""
 import pytest
 import torch
 
 from llm_from_scratch.widgets import attention_explorer_html
-
-CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or "",
-                                 shutil.which("google-chrome") or "")
-                 if p and Path(p).exists()), None)
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright)")
-    if CHROMIUM is None:
-        pytest.skip("no Chromium found (Debian: apt-get install chromium)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 def _page(browser, tmp_path, html):
