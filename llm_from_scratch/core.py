@@ -13,7 +13,7 @@ import torch
 
 # %% auto #0
 __all__ = ['PROFILE_ENV', 'PROFILES', 'get_device', 'set_seed', 'get_profile', 'is_smoke', 'by_profile', 'describe_hardware',
-           'versions_report']
+           'describe_run', 'versions_report', 'Timing', 'time_call']
 
 # %% ../nbs/01_introduction.ipynb #d5d147d4
 def get_device(prefer: str | torch.device | None = None) -> torch.device:
@@ -87,6 +87,12 @@ def describe_hardware(device: torch.device | str | None = None) -> str:
         return f"Apple MPS on {platform.machine()} (torch {torch.__version__})"
     return f"CPU {_cpu_name()}, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
 
+def describe_run(device: torch.device | str | None = None) -> str:
+    """The line each part prints near its top: which profile, on which hardware (defined in part 1).
+
+    Stored outputs are produced by running the notebook; this line says by what."""
+    return f"{get_profile()} profile on {describe_hardware(device)}"
+
 def versions_report() -> dict:
     """Versions and devices, for the top of a notebook or a bug report (defined in part 1)."""
     report = {
@@ -105,3 +111,64 @@ def versions_report() -> dict:
         except ImportError:
             report[name] = "not installed"
     return report
+
+# %% ../nbs/01_introduction.ipynb #86a9f7a5
+import statistics
+import time
+from dataclasses import dataclass
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call measured by `time_call`: median and best of the repeats, and where (defined in part 1)."""
+    median: float
+    best: float
+    repeats: int
+    number: int
+    warmup: int
+    device: str
+    threads: int
+
+    def rate(self, items: float) -> float:
+        """Items per second when one call handles `items` items (tokens, examples), from the median."""
+        return items / self.median
+
+    def __str__(self) -> str:
+        return (f"{_fmt_seconds(self.median)} per call (median of {self.repeats} x {self.number}, "
+                f"best {_fmt_seconds(self.best)}; {self.device}, {self.threads} threads)")
+
+def _fmt_seconds(s: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if s >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s / 1e-9:.3g} ns"
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+def time_call(fn, *, repeats: int = 7, number: int = 1, warmup: int = 2, device=None) -> Timing:
+    """Time `fn()`: `warmup` uncounted calls, then `repeats` rounds of `number` calls each (defined in part 1).
+
+    Returns the median and best seconds per call. On CUDA or MPS the device is synchronised around each
+    round, so queued GPU work is counted. `device` defaults to `get_device()`; pass the device the work
+    runs on when it differs.
+    """
+    if not callable(fn):
+        raise TypeError(f"time_call: fn must be callable, got {type(fn).__name__}")
+    for name, value, low in (("repeats", repeats, 1), ("number", number, 1), ("warmup", warmup, 0)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"time_call: {name} must be an int >= {low}, got {value!r}")
+    dev = torch.device(device) if device is not None else get_device()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _synchronize(dev)
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        _synchronize(dev)
+        times.append((time.perf_counter() - start) / number)
+    return Timing(statistics.median(times), min(times), repeats, number, warmup, str(dev), torch.get_num_threads())
