@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PROFILE_ENV', 'PROFILES', 'get_device', 'set_seed', 'get_profile', 'is_smoke', 'by_profile', 'describe_hardware',
-           'describe_run', 'versions_report', 'Timing', 'time_call']
+__all__ = ['PROFILE_ENV', 'PROFILES', 'get_device', 'set_seed', 'get_profile', 'is_smoke', 'by_profile', 'test_fail', 'test_eq',
+           'describe_hardware', 'describe_run', 'versions_report', 'Timing', 'time_call']
 
 # %% ../nbs/01_introduction.ipynb #d5d147d4
 def get_device(prefer: str | torch.device | None = None) -> torch.device:
@@ -66,6 +66,36 @@ def by_profile(full, smoke):
 
     Used for every size that a test run should shrink: model configs, step counts, text lengths."""
     return smoke if is_smoke() else full
+
+# %% ../nbs/01_introduction.ipynb #ba54d585
+def test_fail(f, msg: str = "", contains: str = "", exc: type = Exception, args=None, kwargs=None) -> BaseException:
+    """Assert that `f(*args, **kwargs)` raises `exc` with `contains` in its message; return the error (defined in part 1).
+
+    Used to show that bad input is refused with a clear message."""
+    try:
+        f(*(args or ()), **(kwargs or {}))
+    except exc as e:
+        if contains and contains not in str(e):
+            raise AssertionError(f"{type(e).__name__} was raised, but its message lacks {contains!r}: {e} {msg}") from e
+        return e
+    except Exception as e:
+        raise AssertionError(f"expected {exc.__name__}, got {type(e).__name__}: {e} {msg}") from e
+    raise AssertionError(f"expected {exc.__name__}, but nothing was raised. {msg}")
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        a, b = torch.as_tensor(a), torch.as_tensor(b)
+        return a.shape == b.shape and bool(torch.equal(a, b.to(a.dtype)))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+def test_eq(a, b) -> None:
+    """Assert that `a` equals `b` (tensors and arrays: same shape and values), showing both if not (defined in part 1)."""
+    if not _equal(a, b):
+        raise AssertionError(f"not equal:\n{a!r}\n{b!r}")
 
 # %% ../nbs/01_introduction.ipynb #2080e784
 def _cpu_name() -> str:
