@@ -1,25 +1,20 @@
 """Training and generation throughput of GPT-2 small (124M) on this machine (part 22's benchmark; not a test).
 
 Training: context 256, batch 8, AdamW (lr 4e-4, weight decay 0.1), random token ids; a few warm-up steps,
-then timed steps. Generation: 200 new tokens, batch 1, greedy, from a short prompt. Each with the explicit
-attention and with PyTorch's fused scaled_dot_product_attention (use_sdpa). Run:
+then timed steps (the median, measured with `llm_from_scratch.core.time_call`). Generation: 200 new tokens,
+batch 1, greedy, from a short prompt. Each with the explicit attention and with PyTorch's fused
+scaled_dot_product_attention (use_sdpa). Run:
 
     python benchmarks/bench_train.py [--steps 2] [--warmup 1] [--new-tokens 200] [--no-sdpa-compare]
 """
 import argparse
-import time
 
 import torch
 
-from llm_from_scratch.core import describe_hardware, get_device, set_seed
+from llm_from_scratch.core import describe_run, get_device, set_seed, time_call
 from llm_from_scratch.generate import generate
 from llm_from_scratch.loss import calc_loss_batch
 from llm_from_scratch.model import GPT_CONFIG_124M, GPTModel
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def bench_training(model, device, batch, context, warmup, steps):
@@ -35,28 +30,17 @@ def bench_training(model, device, batch, context, warmup, steps):
         loss.backward()
         optimizer.step()
 
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    return steps * batch * context / seconds, seconds / steps
+    timing = time_call(step, repeats=steps, warmup=warmup, device=device)
+    return timing.rate(batch * context), timing
 
 
 def bench_generation(model, device, new_tokens, context):
     model.eval()
     idx = torch.tensor([[6109, 3626, 6100, 345]], device=device)      # "Every effort moves you"
-    generate(model, idx, 5, context)                                   # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    out = generate(model, idx, new_tokens, context)
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    assert out.shape[1] == idx.shape[1] + new_tokens
-    return new_tokens / seconds
+    out = generate(model, idx, 5, context)                             # warm-up, and a shape check
+    assert out.shape[1] == idx.shape[1] + 5
+    timing = time_call(lambda: generate(model, idx, new_tokens, context), repeats=1, warmup=0, device=device)
+    return timing.rate(new_tokens), timing
 
 
 def main():
@@ -70,8 +54,7 @@ def main():
     args = ap.parse_args()
 
     device = get_device()
-    print("hardware:", describe_hardware(device))
-    print("torch:", torch.__version__)
+    print(describe_run(device))
     cfg = {**GPT_CONFIG_124M, "context_length": args.context}
     print(f"model: GPT-2 124M config, context {args.context}; training batch {args.batch}, "
           f"{args.warmup} warm-up + {args.steps} timed steps; generation of {args.new_tokens} tokens, batch 1, greedy")
@@ -79,11 +62,11 @@ def main():
     for use_sdpa in ([False] if args.no_sdpa_compare else [False, True]):
         set_seed(123)
         model = GPTModel(cfg, use_sdpa=use_sdpa).to(device)
-        train_tps, step_s = bench_training(model, device, args.batch, args.context, args.warmup, args.steps)
-        gen_tps = bench_generation(model, device, args.new_tokens, args.context)
-        rows.append((use_sdpa, train_tps, step_s, gen_tps))
-        print(f"  use_sdpa={use_sdpa!s:5}: training {train_tps:8,.0f} tokens/s ({step_s:.2f} s/step)   "
-              f"generation {gen_tps:6.1f} tokens/s", flush=True)
+        train_tps, step_t = bench_training(model, device, args.batch, args.context, args.warmup, args.steps)
+        gen_tps, gen_t = bench_generation(model, device, args.new_tokens, args.context)
+        rows.append((use_sdpa, train_tps, step_t, gen_tps))
+        print(f"  use_sdpa={use_sdpa!s:5}: training {train_tps:8,.0f} tokens/s (step: {step_t})", flush=True)
+        print(f"  {'':15}generation {gen_tps:6.1f} tokens/s ({args.new_tokens} tokens: {gen_t})", flush=True)
         del model
     if len(rows) == 2:
         print(f"SDPA speed-up: training x{rows[1][1] / rows[0][1]:.2f}, generation x{rows[1][3] / rows[0][3]:.2f}")

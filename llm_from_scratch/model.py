@@ -13,8 +13,8 @@ from .feed_forward import FeedForward
 from .layer_norm import LayerNorm
 
 # %% auto #0
-__all__ = ['GPT_CONFIG_124M', 'GPT2_SIZES', 'CONFIG_KEYS', 'gpt2_config', 'validate_config', 'TransformerBlock', 'GPTModel',
-           'count_parameters', 'count_parameters_from_config', 'generate_text_simple']
+__all__ = ['GPT_CONFIG_124M', 'GPT2_SIZES', 'CONFIG_KEYS', 'gpt2_size_name', 'gpt2_config', 'validate_config', 'TransformerBlock',
+           'GPTModel', 'count_parameters', 'count_parameters_from_config', 'generate_text_simple']
 
 # %% ../nbs/19_gpt_model.ipynb #a1a7b23f
 GPT_CONFIG_124M = {
@@ -27,27 +27,36 @@ GPT_CONFIG_124M = {
     "qkv_bias": False,       # bias in the query/key/value projections
 }
 
-GPT2_SIZES = {
+GPT2_SIZES = {               # the book's size names; every other spelling is resolved by gpt2_size_name
     "gpt2-small (124M)": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},
     "gpt2-medium (355M)": {"emb_dim": 1024, "n_layers": 24, "n_heads": 16},
     "gpt2-large (774M)": {"emb_dim": 1280, "n_layers": 36, "n_heads": 20},
     "gpt2-xl (1558M)": {"emb_dim": 1600, "n_layers": 48, "n_heads": 25},
 }
 
+def gpt2_size_name(name: str) -> str:
+    """The `GPT2_SIZES` key for any accepted spelling of a GPT-2 size (defined in part 19).
+
+    Accepted: the key itself (`"gpt2-medium (355M)"`), its model name (`"gpt2-medium"`), its parameter
+    count (`"355M"`), and `"gpt2"`, the Hugging Face Hub's name for the small model. This is the one table
+    of size names: `gpt2_config` and the pretrained-weight loaders (part 22) both go through it.
+    """
+    aliases = {"gpt2": "gpt2-small (124M)"}
+    for key in GPT2_SIZES:
+        model_name, count = key.split(" ")                   # "gpt2-medium", "(355M)"
+        aliases.update({key: key, model_name: key, count.strip("()"): key})
+    if name not in aliases:
+        raise ValueError(f"unknown GPT-2 size {name!r}; use one of {list(GPT2_SIZES)}, or a short form such as "
+                         f"'gpt2-medium' or '355M'.")
+    return aliases[name]
+
 def gpt2_config(name: str, **overrides) -> dict:
     """A full config for a GPT-2 size: `GPT_CONFIG_124M` with that size's width, depth and heads (defined in part 19).
 
-    `name` is a key of `GPT2_SIZES` (`"gpt2-medium (355M)"`), or just its short form (`"gpt2-medium"` or
-    `"355M"`). Keyword `overrides` replace entries, e.g. `gpt2_config("124M", qkv_bias=True)`.
+    `name` is any spelling `gpt2_size_name` accepts (`"gpt2-medium (355M)"`, `"gpt2-medium"`, `"355M"`).
+    Keyword `overrides` replace entries, e.g. `gpt2_config("124M", qkv_bias=True)`.
     """
-    lookup = {}
-    for key in GPT2_SIZES:
-        short, size = key.split(" ")
-        lookup.update({key: key, short: key, size.strip("()"): key})
-    if name not in lookup:
-        raise ValueError(f"gpt2_config: unknown GPT-2 size {name!r}; use one of {list(GPT2_SIZES)} "
-                         f"(or a short form such as 'gpt2-medium' or '355M').")
-    cfg = {**GPT_CONFIG_124M, **GPT2_SIZES[lookup[name]], **overrides}
+    cfg = {**GPT_CONFIG_124M, **GPT2_SIZES[gpt2_size_name(name)], **overrides}
     return validate_config(cfg)
 
 # %% ../nbs/19_gpt_model.ipynb #b32e9998

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
+import socket
 import tempfile
 import time
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from safetensors.torch import load_file as _load_safetensors
+from safetensors.torch import save_file as _save_safetensors
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
@@ -23,14 +25,14 @@ from tqdm.auto import tqdm
 from .core import get_device
 from .generate import generate, text_to_token_ids, token_ids_to_text
 from .loss import calc_loss_batch, calc_loss_loader
-from .model import GPT2_SIZES, GPTModel, gpt2_config, validate_config
+from .model import GPT2_SIZES, GPTModel, gpt2_config, gpt2_size_name, validate_config
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'GPT2_HF_REPOS', 'BOOK_GPT2_REPO', 'BOOK_GPT2_FILES', 'evaluate_model',
            'generate_and_print_sample', 'train_model_simple', 'plot_losses', 'CheckpointError', 'capture_rng_state',
            'restore_rng_state', 'save_checkpoint', 'read_weights_only', 'check_state_dict', 'load_checkpoint',
            'TrainHistory', 'epoch_batches', 'train_model', 'gpt2_config_from_hf', 'load_hf_gpt2_weights',
-           'load_gpt2_from_dir', 'load_gpt2_pth', 'PretrainedWeightsUnavailableError', 'load_gpt2']
+           'load_gpt2_from_dir', 'load_gpt2_pth', 'save_gpt2_to_dir', 'PretrainedWeightsUnavailableError', 'load_gpt2']
 
 # %% ../nbs/22_training.ipynb #4f8eb03f
 def evaluate_model(model: nn.Module, train_loader, val_loader, device, eval_iter: int | None) -> tuple[float, float]:
@@ -423,29 +425,16 @@ def train_model(model: nn.Module, train_loader, val_loader, optimizer, device, n
     bar.close()
     return hist
 
-# %% ../nbs/22_training.ipynb #9909b696
-GPT2_HF_REPOS = {
-    "124M": "openai-community/gpt2",
-    "355M": "openai-community/gpt2-medium",
-    "774M": "openai-community/gpt2-large",
-    "1558M": "openai-community/gpt2-xl",
+# %% ../nbs/22_training.ipynb #f09dff68
+GPT2_HF_REPOS = {                                   # keyed by part 19's GPT2_SIZES names
+    "gpt2-small (124M)": "openai-community/gpt2",
+    "gpt2-medium (355M)": "openai-community/gpt2-medium",
+    "gpt2-large (774M)": "openai-community/gpt2-large",
+    "gpt2-xl (1558M)": "openai-community/gpt2-xl",
 }
-for _name in GPT2_SIZES:                    # also accept "gpt2-small (124M)" and "gpt2-small"
-    GPT2_HF_REPOS[_name] = GPT2_HF_REPOS[_name.split("(")[1].rstrip(")")]
-    GPT2_HF_REPOS[_name.split(" ")[0]] = GPT2_HF_REPOS[_name]
-GPT2_HF_REPOS["gpt2"] = GPT2_HF_REPOS["124M"]   # the Hub's own short name
-
 BOOK_GPT2_REPO = "rasbt/gpt2-from-scratch-pytorch"   # the book's converted weights, our state_dict keys
-BOOK_GPT2_FILES = {"124M": "gpt2-small-124M.pth", "355M": "gpt2-medium-355M.pth",
-                   "774M": "gpt2-large-774M.pth", "1558M": "gpt2-xl-1558M.pth"}
-
-def _gpt2_size(model_size: str) -> str:
-    "The canonical size ('124M', ...) of any accepted name."
-    if model_size not in GPT2_HF_REPOS:
-        raise ValueError(f"unknown GPT-2 size {model_size!r}; use one of {list(BOOK_GPT2_FILES)} "
-                         f"(or a name such as {list(GPT2_SIZES)[1]!r} or 'gpt2-medium').")
-    repo = GPT2_HF_REPOS[model_size]
-    return next(size for size in BOOK_GPT2_FILES if GPT2_HF_REPOS[size] == repo)
+BOOK_GPT2_FILES = {"gpt2-small (124M)": "gpt2-small-124M.pth", "gpt2-medium (355M)": "gpt2-medium-355M.pth",
+                   "gpt2-large (774M)": "gpt2-large-774M.pth", "gpt2-xl (1558M)": "gpt2-xl-1558M.pth"}
 
 def gpt2_config_from_hf(hf_config: Mapping) -> dict:
     """Our config dict from a Hugging Face GPT-2 `config.json` (n_embd, n_layer, n_head, n_positions, vocab_size) (defined in part 22).
@@ -482,7 +471,7 @@ def gpt2_config_from_hf(hf_config: Mapping) -> dict:
         "qkv_bias": True,
     })
 
-# %% ../nbs/22_training.ipynb #852fb4de
+# %% ../nbs/22_training.ipynb #dcd14af6
 _HF_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")     # causal-mask buffers in older files: not weights
 
 def load_hf_gpt2_weights(gpt: GPTModel, state_dict: Mapping) -> GPTModel:
@@ -548,7 +537,7 @@ def load_hf_gpt2_weights(gpt: GPTModel, state_dict: Mapping) -> GPTModel:
         gpt.load_state_dict(new, strict=False)                                      # copies; the mask buffers stay
     return gpt
 
-# %% ../nbs/22_training.ipynb #6c3b48f7
+# %% ../nbs/22_training.ipynb #f654321f
 def _read_safetensors(folder: Path) -> dict:
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
@@ -616,43 +605,115 @@ def load_gpt2_pth(path, cfg: Mapping | None = None, *, device=None) -> GPTModel:
     model.load_state_dict(state, strict=False)                         # strictness checked above
     return model.to(device if device is not None else get_device()).eval()
 
-# %% ../nbs/22_training.ipynb #2d5d2f95
-class PretrainedWeightsUnavailableError(RuntimeError):
-    """The pretrained files could not be downloaded and are not cached (defined in part 22)."""
+# %% ../nbs/22_training.ipynb #8be806e3
+def save_gpt2_to_dir(model: GPTModel, path) -> Path:
+    """Write `model` in Hugging Face's GPT-2 layout, `config.json` + `model.safetensors`; returns the folder (defined in part 22).
 
-def load_gpt2(model_size: str = "124M", *, models_dir=None, source: str = "hf", device=None) -> GPTModel:
+    The inverse of `load_gpt2_from_dir`: linear weights are transposed to `Conv1D`'s (in, out), the query, key
+    and value projections are joined into `c_attn` (with zero biases if the model has none, so it reloads with
+    `qkv_bias=True` and computes the same), and an untied `out_head` is written as `lm_head.weight` with
+    `tie_word_embeddings: false`. `transformers`' `GPT2LMHeadModel.from_pretrained(path)` reads the folder.
+    """
+    cfg = validate_config(model.cfg)
+    d, L = cfg["emb_dim"], cfg["n_layers"]
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tied = model.out_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
+    t = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"]}
+    for i in range(L):
+        o, h = f"trf_blocks.{i}.", f"transformer.h.{i}."
+        names = ("W_query", "W_key", "W_value")
+        t[h + "attn.c_attn.weight"] = torch.cat([sd[o + f"att.{n}.weight"] for n in names]).T      # (d, 3d)
+        t[h + "attn.c_attn.bias"] = torch.cat([sd.get(o + f"att.{n}.bias", torch.zeros(d)) for n in names])
+        t[h + "attn.c_proj.weight"] = sd[o + "att.out_proj.weight"].T                                # (d, d)
+        t[h + "attn.c_proj.bias"] = sd[o + "att.out_proj.bias"]
+        t[h + "mlp.c_fc.weight"] = sd[o + "ff.layers.0.weight"].T                                    # (d, 4d)
+        t[h + "mlp.c_fc.bias"] = sd[o + "ff.layers.0.bias"]
+        t[h + "mlp.c_proj.weight"] = sd[o + "ff.layers.2.weight"].T                                  # (4d, d)
+        t[h + "mlp.c_proj.bias"] = sd[o + "ff.layers.2.bias"]
+        for ln, norm in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            t[h + f"{ln}.weight"], t[h + f"{ln}.bias"] = sd[o + f"{norm}.scale"], sd[o + f"{norm}.shift"]
+    t["transformer.ln_f.weight"], t["transformer.ln_f.bias"] = sd["final_norm.scale"], sd["final_norm.shift"]
+    if not tied:
+        t["lm_head.weight"] = sd["out_head.weight"]                                                   # (V, d)
+    hf_config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg["vocab_size"],
+                 "n_positions": cfg["context_length"], "n_ctx": cfg["context_length"], "n_embd": d, "n_layer": L,
+                 "n_head": cfg["n_heads"], "n_inner": None, "activation_function": "gelu_new",
+                 "resid_pdrop": cfg["drop_rate"], "embd_pdrop": cfg["drop_rate"], "attn_pdrop": cfg["drop_rate"],
+                 "layer_norm_epsilon": 1e-5, "tie_word_embeddings": tied,
+                 "bos_token_id": 50256, "eos_token_id": 50256}
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_safetensors({k: v.contiguous().clone() for k, v in t.items()}, str(folder / "model.safetensors"),
+                      metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    return folder
+
+# %% ../nbs/22_training.ipynb #a57ac37d
+class PretrainedWeightsUnavailableError(RuntimeError):
+    """The pretrained files could not be downloaded and are not cached; `.reason` says why in a few words (defined in part 22)."""
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
+
+def _hub_reachable(endpoint: str, timeout: float) -> bool:
+    "Whether a TCP connection to the Hub's host opens within `timeout` seconds; behind a proxy, assume yes."
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+def load_gpt2(model_size: str = "124M", *, models_dir=None, source: str = "hf", device=None,
+              timeout: float = 5.0) -> GPTModel:
     """Pretrained GPT-2 as a `GPTModel` in eval mode, downloaded once with `huggingface_hub` (defined in part 22).
 
-    `model_size`: "124M", "355M", "774M", "1558M" (or "gpt2-medium", "gpt2-medium (355M)", ...).
-    `source="hf"` fetches `config.json` + `model.safetensors` from `GPT2_HF_REPOS[model_size]` and converts
-    them (`load_gpt2_from_dir`); `source="book"` fetches the book's converted `.pth` from `BOOK_GPT2_REPO`
-    (`load_gpt2_pth`). Files go to the Hugging Face cache, or to `models_dir` if given, and later calls
-    reuse them without the network. Offline with nothing cached: `PretrainedWeightsUnavailableError`
-    saying how to get the files onto this machine.
+    `model_size`: any spelling `gpt2_size_name` accepts ("124M", "gpt2-medium", "gpt2-large (774M)", ...).
+    `source="hf"` fetches `config.json` + `model.safetensors` from `GPT2_HF_REPOS` and converts them
+    (`load_gpt2_from_dir`); `source="book"` fetches the book's converted `.pth` from `BOOK_GPT2_REPO`
+    (`load_gpt2_pth`). Files go to the Hugging Face cache, or to `models_dir` if given, and later calls reuse
+    them without the network. With nothing cached and no way to download (offline, `HF_HUB_OFFLINE=1`, the
+    Hub not reachable within `timeout` seconds): `PretrainedWeightsUnavailableError`, saying how to get the
+    files onto this machine.
     """
-    size = _gpt2_size(model_size)
+    name = gpt2_size_name(model_size)
+    count = name.split("(")[1].rstrip(")")                                  # "124M"
     if source not in ("hf", "book"):
         raise ValueError(f"source={source!r}; use 'hf' (Hugging Face's safetensors) or 'book' (the book's .pth files).")
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
     except ImportError:
         raise ImportError("load_gpt2 downloads with huggingface_hub: pip install huggingface_hub. Or download the files "
                           "yourself and use load_gpt2_from_dir(folder) or load_gpt2_pth(file).") from None
-    repo, files = ((GPT2_HF_REPOS[size], ["config.json", "model.safetensors"]) if source == "hf"
-                   else (BOOK_GPT2_REPO, [BOOK_GPT2_FILES[size]]))
-    paths = []
-    for filename in files:
-        try:
-            paths.append(Path(hf_hub_download(repo_id=repo, filename=filename, cache_dir=models_dir)))
-        except Exception as e:
-            where = models_dir if models_dir is not None else "the default Hugging Face cache (HF_HUB_CACHE)"
-            raise PretrainedWeightsUnavailableError(
-                f"load_gpt2: could not get {filename} of {repo}: it is not in {where} and the download failed "
-                f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}). This machine may be "
-                f"offline. On a machine with internet run `hf download {repo} {' '.join(files)} --local-dir gpt2-{size}`, "
-                f"copy the folder here and call "
-                + ("load_gpt2_from_dir('gpt2-" + size + "')" if source == "hf" else f"load_gpt2_pth('gpt2-{size}/{files[0]}')")
-                + "; or copy a filled Hugging Face cache and pass models_dir=.") from e
+    repo, files = ((GPT2_HF_REPOS[name], ["config.json", "model.safetensors"]) if source == "hf"
+                   else (BOOK_GPT2_REPO, [BOOK_GPT2_FILES[name]]))
+
+    def unavailable(reason: str) -> PretrainedWeightsUnavailableError:
+        where = models_dir if models_dir is not None else "the Hugging Face cache (HF_HUB_CACHE)"
+        then = (f"load_gpt2_from_dir('gpt2-{count}')" if source == "hf" else f"load_gpt2_pth('gpt2-{count}/{files[0]}')")
+        return PretrainedWeightsUnavailableError(
+            f"load_gpt2: {' + '.join(files)} of {repo} are not in {where}, and {reason}. On a machine with internet run "
+            f"`hf download {repo} {' '.join(files)} --local-dir gpt2-{count}`, copy the folder here and call {then}; "
+            "or copy a filled Hugging Face cache here and pass models_dir=.", reason=reason)
+
+    try:                                                                     # a cached copy: no network at all
+        paths = [Path(hf_hub_download(repo_id=repo, filename=f, cache_dir=models_dir, local_files_only=True))
+                 for f in files]
+    except Exception:
+        if constants.HF_HUB_OFFLINE:
+            raise unavailable("HF_HUB_OFFLINE is set, so nothing is downloaded (offline mode)") from None
+        if not _hub_reachable(constants.ENDPOINT, timeout):
+            raise unavailable(f"{constants.ENDPOINT} cannot be reached within {timeout:g} s (offline?)") from None
+        paths = []
+        for f in files:
+            try:
+                paths.append(Path(hf_hub_download(repo_id=repo, filename=f, cache_dir=models_dir)))
+            except Exception as e:
+                detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise unavailable(f"downloading {f} failed ({type(e).__name__}: {detail}; offline?)") from e
     if source == "hf":
         return load_gpt2_from_dir(paths[0].parent, device=device)
-    return load_gpt2_pth(paths[0], gpt2_config(size, qkv_bias=True), device=device)
+    return load_gpt2_pth(paths[0], gpt2_config(name, qkv_bias=True), device=device)

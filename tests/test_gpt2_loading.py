@@ -1,15 +1,17 @@
 """Part 22: loading GPT-2 weights written by others (Hugging Face safetensors, the book's .pth), offline."""
 import datetime
+import json
 import socket
 import sys
+import time
 
 import pytest
 import torch
 
-from llm_from_scratch.model import GPTModel
-from llm_from_scratch.train import (GPT2_HF_REPOS, CheckpointError, PretrainedWeightsUnavailableError,
+from llm_from_scratch.model import GPTModel, gpt2_size_name
+from llm_from_scratch.train import (BOOK_GPT2_FILES, GPT2_HF_REPOS, CheckpointError, PretrainedWeightsUnavailableError,
                                     gpt2_config_from_hf, load_gpt2, load_gpt2_from_dir, load_gpt2_pth,
-                                    load_hf_gpt2_weights)
+                                    load_hf_gpt2_weights, save_gpt2_to_dir)
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,10 +100,36 @@ def test_unknown_model_size_lists_the_valid_ones():
 
 
 def test_size_names_map_to_the_hub_repositories():
-    assert GPT2_HF_REPOS["124M"] == GPT2_HF_REPOS["gpt2-small (124M)"] == "openai-community/gpt2"
-    assert GPT2_HF_REPOS["gpt2-medium"] == "openai-community/gpt2-medium"
-    assert GPT2_HF_REPOS["774M"] == "openai-community/gpt2-large"
-    assert GPT2_HF_REPOS["gpt2-xl (1558M)"] == "openai-community/gpt2-xl"
+    repo = lambda name: GPT2_HF_REPOS[gpt2_size_name(name)]
+    assert repo("124M") == repo("gpt2-small (124M)") == repo("gpt2") == "openai-community/gpt2"
+    assert repo("gpt2-medium") == "openai-community/gpt2-medium"
+    assert repo("774M") == "openai-community/gpt2-large"
+    assert repo("gpt2-xl (1558M)") == "openai-community/gpt2-xl"
+    assert BOOK_GPT2_FILES[gpt2_size_name("355M")] == "gpt2-medium-355M.pth"
+
+
+def _fake_hub(monkeypatch, hf_dir, cached=True):
+    "Replace hf_hub_download by a fake that serves hf_dir's files, from the 'cache' only if `cached`; returns its call log."
+    import huggingface_hub
+    calls = []
+
+    def fake(repo_id, filename, cache_dir=None, local_files_only=False, **kw):
+        calls.append((repo_id, filename, local_files_only))
+        if local_files_only and not cached:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        return str(hf_dir / filename)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["124M", "gpt2", "gpt2-small", "gpt2-small (124M)"])
+def test_a_cached_copy_loads_without_the_network(monkeypatch, hf_dir, hf_model, name):
+    calls = _fake_hub(monkeypatch, hf_dir)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("load_gpt2 probed the network"))
+    ours = load_gpt2(name, device="cpu")
+    assert calls == [("openai-community/gpt2", "config.json", True), ("openai-community/gpt2", "model.safetensors", True)]
+    with torch.no_grad():
+        assert (hf_model(IDS).logits - ours(IDS)).abs().max().item() < 1e-4
 
 
 @pytest.fixture
@@ -130,6 +158,20 @@ def test_offline_with_nothing_cached_says_what_to_do(no_network, tmp_path, sourc
     msg = str(err.value)
     assert "offline" in msg and ("load_gpt2_from_dir" in msg or "load_gpt2_pth" in msg)
     assert "openai-community/gpt2" in msg or "rasbt/gpt2-from-scratch-pytorch" in msg
+
+
+def test_unreachable_hub_fails_fast_without_offline_mode(no_network, monkeypatch, tmp_path):
+    import huggingface_hub.constants as hc
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False, raising=False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    start = time.perf_counter()
+    with pytest.raises(PretrainedWeightsUnavailableError) as err:
+        load_gpt2("124M", models_dir=tmp_path / "empty", timeout=1.0)
+    assert time.perf_counter() - start < 5.0                       # no minute of retries
+    assert "cannot be reached" in err.value.reason and "offline" in str(err.value)
+    assert "load_gpt2_from_dir('gpt2-124M')" in str(err.value)
 
 
 def test_missing_huggingface_hub_gives_an_install_hint(monkeypatch):
@@ -175,3 +217,28 @@ def test_pth_holding_arbitrary_objects_is_refused(tmp_path):
     torch.save({"tok_emb.weight": torch.zeros(2, 2), "x": datetime.timedelta(days=1)}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match="weights_only=False"):
         load_gpt2_pth(tmp_path / "evil.pth")
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_save_gpt2_to_dir_is_read_by_transformers_and_by_our_loader(tmp_path, qkv_bias):
+    cfg = {"vocab_size": 50257, "context_length": 64, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
+           "drop_rate": 0.1, "qkv_bias": qkv_bias}
+    torch.manual_seed(1)
+    ours = GPTModel(cfg).eval()                                      # untied out_head, as the book's model
+    save_gpt2_to_dir(ours, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    back = load_gpt2_from_dir(tmp_path, device="cpu")
+    assert back.cfg == {**cfg, "qkv_bias": True}                     # zero biases where the model had none
+    with torch.no_grad():
+        want = ours(IDS)
+        assert (theirs(IDS).logits - want).abs().max().item() < 1e-4
+        assert torch.equal(back(IDS), want)
+
+
+def test_save_gpt2_to_dir_round_trips_a_transformers_model(tmp_path, hf_model, hf_dir):
+    ours = load_gpt2_from_dir(hf_dir, device="cpu")
+    save_gpt2_to_dir(ours, tmp_path)
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert (again(IDS).logits - hf_model(IDS).logits).abs().max().item() < 1e-4

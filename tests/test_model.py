@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from llm_from_scratch.model import (GPT2_SIZES, GPT_CONFIG_124M, GPTModel, TransformerBlock, count_parameters,
-                                    count_parameters_from_config, generate_text_simple, gpt2_config, validate_config)
+                                    count_parameters_from_config, generate_text_simple, gpt2_config, gpt2_size_name,
+                                    validate_config)
 
 TINY = {"vocab_size": 97, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2,
         "drop_rate": 0.1, "qkv_bias": False}
@@ -117,6 +118,16 @@ def test_gpt2_config_sizes():
     assert len(GPT2_SIZES) == 4
     with pytest.raises(ValueError, match="unknown GPT-2 size"):
         gpt2_config("gpt2-huge")
+
+
+def test_gpt2_size_name_is_the_one_table_of_size_names():
+    for key in GPT2_SIZES:
+        model_name, count = key.split(" ")
+        assert gpt2_size_name(key) == gpt2_size_name(model_name) == gpt2_size_name(count.strip("()")) == key
+    assert gpt2_size_name("gpt2") == "gpt2-small (124M)"             # the Hugging Face Hub's name
+    with pytest.raises(ValueError) as err:
+        gpt2_size_name("7B")
+    assert all(size in str(err.value) for size in ("124M", "355M", "774M", "1558M"))
 
 
 def test_forward_shape():
