@@ -41,7 +41,7 @@ class CausalAttention(nn.Module):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"CausalAttention: dropout must be in [0, 1), got {dropout}; "
-                             "it is the probability of zeroing each attention weight (0.1 in GPT-2)")
+                             "it is the probability of zeroing each attention weight (the book's GPT-2 config uses 0.1)")
         if context_length < 1:
             raise ValueError(f"CausalAttention: context_length must be a positive int, got {context_length}")
         self.d_in, self.d_out, self.context_length = d_in, d_out, context_length

@@ -1,9 +1,12 @@
-"""Tests for llm_from_scratch.attention (part 12): multi-head attention, wrapper and weight-split versions."""
+"""Tests for the attention modules: self-attention (part 8), causal attention (parts 9-10) and multi-head
+attention (part 12, wrapper and weight-split versions). Golden values are the ones the book prints in chapter 3
+for the same inputs and seeds."""
 import pytest
 import torch
 
 from llm_from_scratch.attention import MultiHeadAttention, MultiHeadAttentionWrapper
-from llm_from_scratch.causal_attention import CausalAttention
+from llm_from_scratch.causal_attention import CausalAttention, causal_attention_weights
+from llm_from_scratch.self_attention import SelfAttention_v1, SelfAttention_v2, load_v2_into_v1
 
 BOOK_KEYS = {"W_query.weight", "W_key.weight", "W_value.weight", "out_proj.weight", "out_proj.bias", "mask"}
 SHAPES = [  # (B, T, context_length, d_in, d_out, num_heads)
@@ -158,3 +161,69 @@ def test_bad_input(x, exc, msg, use_sdpa):
 def test_wrapper_bad_num_heads():
     with pytest.raises(ValueError, match="num_heads"):
         MultiHeadAttentionWrapper(4, 4, 8, 0.0, num_heads=0)
+
+
+# --- parts 8 and 9: the book's six-token example and the values the book prints for it ---
+BOOK_INPUTS = torch.tensor([[0.43, 0.15, 0.89], [0.55, 0.87, 0.66], [0.57, 0.85, 0.64],
+                            [0.22, 0.58, 0.33], [0.77, 0.25, 0.10], [0.05, 0.80, 0.55]])
+
+
+def test_self_attention_v1_book_values():
+    torch.manual_seed(123)
+    out = SelfAttention_v1(3, 2)(BOOK_INPUTS)
+    book = torch.tensor([[0.2996, 0.8053], [0.3061, 0.8210], [0.3058, 0.8203],
+                         [0.2948, 0.7939], [0.2927, 0.7891], [0.2990, 0.8040]])   # section 3.4.2
+    torch.testing.assert_close(out, book, atol=1e-4, rtol=0)
+
+
+def test_self_attention_v2_book_values_and_v1_equivalence():
+    torch.manual_seed(789)
+    v2 = SelfAttention_v2(3, 2)
+    book = torch.tensor([[-0.0739, 0.0713], [-0.0748, 0.0703], [-0.0749, 0.0702],
+                         [-0.0760, 0.0685], [-0.0763, 0.0679], [-0.0754, 0.0693]])  # section 3.4.2
+    torch.testing.assert_close(v2(BOOK_INPUTS), book, atol=1e-4, rtol=0)
+    v1 = load_v2_into_v1(SelfAttention_v1(3, 2), v2)
+    torch.testing.assert_close(v1(BOOK_INPUTS), v2(BOOK_INPUTS), atol=1e-6, rtol=0)
+
+
+def test_causal_weights_book_values():
+    torch.manual_seed(789)
+    sa = SelfAttention_v2(3, 2)
+    with torch.no_grad():
+        w = causal_attention_weights(sa.W_query(BOOK_INPUTS), sa.W_key(BOOK_INPUTS))
+    book = torch.tensor([[1.0000, 0.0000, 0.0000, 0.0000, 0.0000, 0.0000],
+                         [0.5517, 0.4483, 0.0000, 0.0000, 0.0000, 0.0000],
+                         [0.3800, 0.3097, 0.3103, 0.0000, 0.0000, 0.0000],
+                         [0.2758, 0.2460, 0.2462, 0.2319, 0.0000, 0.0000],
+                         [0.2175, 0.1983, 0.1984, 0.1888, 0.1971, 0.0000],
+                         [0.1935, 0.1663, 0.1666, 0.1542, 0.1666, 0.1529]])       # section 3.5.1
+    torch.testing.assert_close(w, book, atol=1e-4, rtol=0)
+    assert torch.all(w.triu(diagonal=1) == 0)
+
+
+def test_causal_attention_book_values():
+    torch.manual_seed(123)
+    ca = CausalAttention(3, 2, context_length=6, dropout=0.0)
+    out = ca(torch.stack((BOOK_INPUTS, BOOK_INPUTS)))
+    book = torch.tensor([[-0.4519, 0.2216], [-0.5874, 0.0058], [-0.6300, -0.0632],
+                         [-0.5675, -0.0843], [-0.5526, -0.0981], [-0.5299, -0.1081]])  # section 3.5.3
+    assert out.shape == (2, 6, 2)
+    torch.testing.assert_close(out[0], book, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[1], book, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5])
+def test_causal_attention_refuses_bad_dropout(p):
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        CausalAttention(3, 2, context_length=6, dropout=p)
+
+
+def test_causal_attention_eval_equals_no_dropout():
+    torch.manual_seed(0)
+    ca = CausalAttention(8, 4, context_length=10, dropout=0.5)
+    x = torch.randn(2, 10, 8)
+    assert not torch.equal(ca(x), ca(x))                              # training mode: random
+    ref = CausalAttention(8, 4, context_length=10, dropout=0.0)
+    ref.load_state_dict(ca.state_dict())
+    ca.eval()
+    assert torch.equal(ca(x), ref(x))                                 # eval: exactly the p=0 module

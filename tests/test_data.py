@@ -74,6 +74,13 @@ def test_num_windows_formula(verdict, verdict_ids, tokenizer, max_length, stride
     assert torch.equal(x, windows[-1, :-1]) and torch.equal(y, windows[-1, 1:])
 
 
+def test_book_batch_of_eight(verdict):
+    """The batch the book prints in section 2.6 (batch 8, max_length 4, stride 4)."""
+    inputs, targets = next(iter(create_dataloader_v1(verdict, batch_size=8, max_length=4, stride=4, shuffle=False)))
+    assert inputs[:3].tolist() == [[40, 367, 2885, 1464], [1807, 3619, 402, 271], [10899, 2138, 257, 7026]]
+    assert inputs[-1].tolist() == [284, 3285, 326, 11] and targets[-1].tolist() == [3285, 326, 11, 287]
+
+
 def test_num_windows_brute_force():
     for n in range(0, 30):
         for max_length in range(1, 9):
