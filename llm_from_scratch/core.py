@@ -68,16 +68,17 @@ def by_profile(full, smoke):
     return smoke if is_smoke() else full
 
 # %% ../nbs/01_introduction.ipynb #ba54d585
-def test_fail(f, msg: str = "", contains: str = "", exc: type = Exception, args=None, kwargs=None) -> BaseException:
-    """Assert that `f(*args, **kwargs)` raises `exc` with `contains` in its message; return the error (defined in part 1).
+def test_fail(f, msg: str = "", contains: str = "", exc: type = Exception, args=None, kwargs=None) -> None:
+    """Assert that `f(*args, **kwargs)` raises `exc` with `contains` in its message (defined in part 1).
 
-    Used to show that bad input is refused with a clear message."""
+    Used to show that bad input is refused with a clear message. Returns None, so a cell that ends with
+    it shows nothing."""
     try:
         f(*(args or ()), **(kwargs or {}))
     except exc as e:
         if contains and contains not in str(e):
             raise AssertionError(f"{type(e).__name__} was raised, but its message lacks {contains!r}: {e} {msg}") from e
-        return e
+        return
     except Exception as e:
         raise AssertionError(f"expected {exc.__name__}, got {type(e).__name__}: {e} {msg}") from e
     raise AssertionError(f"expected {exc.__name__}, but nothing was raised. {msg}")
