@@ -78,3 +78,31 @@ def test_residual_bad_input():
         ExampleDeepNeuralNetwork([3, 3], use_shortcut=1)
     with pytest.raises(ValueError, match="layer_sizes"):
         ExampleDeepNeuralNetwork([3, 3], use_shortcut=True)(torch.randn(1, 4))
+
+
+def _gelu_rms_factor(a, n=20_000):
+    "rms(GELU(a z)) / rms(a z) for z ~ N(0, 1), on a grid of normal quantiles (part 16's fixed-point argument)."
+    z = torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    return (GELU()(a * z).pow(2).mean().sqrt() / (a * z).pow(2).mean().sqrt()).item()
+
+
+def test_gelu_scale_factor_rises_from_half_to_relu_value():
+    # One Linear(gain) + GELU layer scales its input by gain * r(a); r rises from 1/2 to 1/sqrt(2), so a
+    # fixed point gain * r(a*) = 1 exists only for sqrt(2) < gain < 2, and it is unstable (r increases).
+    scales = [1e-3, 0.1, 0.5, 1.0, 2.0, 10.0, 1e3]
+    r = [_gelu_rms_factor(a) for a in scales]
+    assert all(r1 < r2 for r1, r2 in zip(r, r[1:]))
+    assert abs(r[0] - 0.5) < 1e-3 and abs(r[-1] - 2 ** -0.5) < 1e-3
+
+
+def test_attention_over_one_token_is_affine():
+    # Part 17: with a single token to attend to, attention is an affine map of that token's features.
+    from llm_from_scratch.attention import MultiHeadAttention
+    torch.manual_seed(0)
+    att = MultiHeadAttention(8, 8, context_length=4, dropout=0.0, num_heads=2, qkv_bias=True).eval()
+    x1, x2 = torch.randn(2, 1, 1, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(att(0.3 * x1 + 0.7 * x2), 0.3 * att(x1) + 0.7 * att(x2), atol=1e-5, rtol=1e-5)
+        two = torch.cat([x1, x2], dim=1)                                   # (1, 2, 8): with a second token it is not
+        mixed = torch.cat([x1, 0.3 * x1 + 0.7 * x2], dim=1)
+        assert not torch.allclose(att(mixed)[:, 1], 0.3 * att(torch.cat([x1, x1], 1))[:, 1] + 0.7 * att(two)[:, 1], atol=1e-4)
