@@ -2,7 +2,12 @@
 
 Checks what a reader sees without a kernel: every page loads without JavaScript errors, the static
 attention explorer draws a heatmap and switches heads, the perplexity explorer's slider changes its bars,
-and the live ipywidgets saved in the pages render from the locally vendored widget manager."""
+no page shows a saved ipywidget control (a slider or text box that cannot do anything without a kernel),
+and the saved widgets that remain (display-only, such as progress bars) render from the locally vendored
+widget manager."""
+import functools
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -82,12 +87,87 @@ def test_perplexity_explorer_in_the_book_follows_the_slider(browser):
     assert errors == []
 
 
-@pytest.mark.parametrize("name", ["05_self_attention.html", "21_perplexity.html"])
-def test_saved_ipywidgets_render_from_local_files(browser, name):
+# Widget models that only display something. Anything else saved in a page (a slider, a text box, a
+# dropdown, a button...) would be a control that silently does nothing there: live explorers keep their
+# output out of the book with the `remove-output` cell tag (see appendix B).
+DISPLAY_ONLY = {"HBoxModel", "VBoxModel", "BoxModel", "GridBoxModel", "HTMLModel", "HTMLMathModel", "LabelModel",
+                "FloatProgressModel", "IntProgressModel", "ImageModel", "OutputModel", "LayoutModel"}
+_VIEW = re.compile(r'<script type="application/vnd\.jupyter\.widget-view\+json">(.*?)</script>', re.S)
+_STATE = re.compile(r'<script type="application/vnd\.jupyter\.widget-state\+json">(.*?)</script>', re.S)
+
+
+def _saved_widgets(page):
+    """(model ids of the widget views a page shows, {model id: saved model}) from a built page."""
+    text = page.read_text(encoding="utf-8")
+    views = [json.loads(m)["model_id"] for m in _VIEW.findall(text)]
+    state = {}
+    for m in _STATE.findall(text):
+        state.update(json.loads(m).get("state", {}))
+    return views, state
+
+
+def _reachable(model_id, state):
+    """The model and every model it refers to (children, layouts, styles...)."""
+    seen, todo = set(), [model_id]
+    while todo:
+        mid = todo.pop()
+        if mid in seen or mid not in state:
+            continue
+        seen.add(mid)
+        todo += re.findall(r"IPY_MODEL_([0-9a-f]+)", json.dumps(state[mid].get("state", {})))
+    return seen
+
+
+@functools.lru_cache(maxsize=None)
+def _views_by_page():
+    return {p.name: _saved_widgets(p) for p in PAGES}
+
+
+@pytest.mark.parametrize("name", [p.name for p in PAGES])
+def test_no_page_shows_a_saved_widget_control(name):
+    views, state = _views_by_page()[name]
+    controls = sorted({state[m]["model_name"] for v in views for m in _reachable(v, state)
+                       if not state[m]["model_name"].endswith("StyleModel")
+                       and state[m]["model_name"] not in DISPLAY_ONLY})
+    assert not controls, (f"{name} shows saved ipywidget controls {controls}: they do nothing without a kernel. "
+                          "Tag the cell that displays a live widget `remove-output` (see appendix B).")
+
+
+@pytest.mark.parametrize("name", ["05_self_attention.html", "21_perplexity.html", "appendix_b_explorers.html"])
+def test_live_explorers_are_labelled_and_left_out_of_the_page(browser, name):
     page, errors = _open(browser, name)
-    page.wait_for_selector(".widget-box, .jupyter-widgets", timeout=15_000)   # drawn by the vendored manager
-    assert page.locator(".jupyter-widgets").count() > 0
+    page.wait_for_timeout(500)                                        # give the widget manager time to draw
+    assert "running kernel" in page.locator("article").inner_text()   # the reader is told why nothing shows
+    live = ".jupyter-widgets input, .jupyter-widgets select, .jupyter-widgets textarea, .jupyter-widgets button"
+    assert page.locator(live).count() == 0
+    assert page.locator(".lfs-attn, .lfs-ppx").count() > 0           # the static explorers are there instead
     assert errors == []
+
+
+def test_both_explorers_work_in_appendix_b(browser):
+    page, errors = _open(browser, "appendix_b_explorers.html")
+    assert page.locator(".lfs-attn .lfs-cell").count() > 0
+    root = page.locator(".lfs-ppx").first
+    root.locator(".ppx-tok").nth(2).click()
+    before = [f.get_attribute("style") for f in root.locator(".ppx-detail .ppx-fill").all()]
+    root.locator("input.ppx-temp").evaluate("el => { el.value = el.max; el.dispatchEvent(new Event('input')); }")
+    assert [f.get_attribute("style") for f in root.locator(".ppx-detail .ppx-fill").all()] != before
+    assert errors == []
+
+
+def _pages_with_saved_widgets():
+    return [n for n, (views, _) in _views_by_page().items() if views]
+
+
+def test_saved_display_widgets_render_from_local_files(browser):
+    names = _pages_with_saved_widgets()
+    if not names:
+        pytest.skip("no page holds a saved widget (e.g. a progress bar) today")
+    for name in names:
+        page, errors = _open(browser, name)
+        page.wait_for_selector(".jupyter-widgets", timeout=15_000)    # drawn by the vendored manager
+        assert errors == [], f"{name}: {errors}"
+        page.close()
 
 
 def test_formulas_are_typeset_from_the_local_mathjax(browser):

@@ -1,9 +1,21 @@
-"""Input validation of the attention explorer (llm_from_scratch.widgets, part 5)."""
+"""The explorers' module (llm_from_scratch.widgets, appendix B): input validation, the perplexity explorer's
+arithmetic, and the split between lessons and machinery (which way the imports go, what the book stores)."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from llm_from_scratch.widgets import AttentionExplorer, attention_explorer_html, attention_weights_4d
+from llm_from_scratch.widgets import (EXPLORER_TEMPERATURES, AttentionExplorer, attention_explorer_html,
+                                      attention_weights_4d, explorer_probabilities, perplexity_explorer_html,
+                                      perplexity_report)
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = sorted((ROOT / "nbs").glob("*.ipynb"))
 
 TOKENS = ["the", "cat", "sat"]
 W = torch.softmax(torch.randn(3, 3), dim=-1)
@@ -68,3 +80,82 @@ def test_live_explorer_validates():
     assert ex.weights.shape == (1, 2, 3, 3)
     ex.text_box.value = "x y"
     assert ex.tokens == ["x", "y"]
+
+
+class _Tok:
+    """A character-level stand-in for a tokenizer: one token per character."""
+    n_vocab = 128
+
+    def encode(self, text, allowed_special=()):
+        return [ord(c) % 128 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def _tiny_model():
+    from llm_from_scratch.model import GPTModel
+    torch.manual_seed(0)
+    cfg = {"vocab_size": 128, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
+           "drop_rate": 0.0, "qkv_bias": False}
+    return GPTModel(cfg).eval()
+
+
+def test_perplexity_report_matches_the_model():
+    model, tok = _tiny_model(), _Tok()
+    rep = perplexity_report(model, tok, "hello there", top_n=4)
+    ids = torch.tensor([tok.encode("hello there")])
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:], reduction="none")
+    assert rep["tokens"] == list("hello there") and len(rep["top_ids"][0]) == 4
+    torch.testing.assert_close(torch.tensor(rep["surprisal"]), expected, atol=1e-4, rtol=0)
+    k1 = EXPLORER_TEMPERATURES.index(1.0)
+    for i in range(len(rep["surprisal"])):
+        probs, other, s = explorer_probabilities(rep, i, k1)
+        assert abs(sum(probs) + other - 1) < 1e-6 and s == pytest.approx(rep["surprisal"][i], abs=2e-3)
+
+
+def test_perplexity_report_refuses_bad_input():
+    model, tok = _tiny_model(), _Tok()
+    with pytest.raises(ValueError, match="at least 2"):
+        perplexity_report(model, tok, "h")
+    with pytest.raises(ValueError, match="shorten the text"):
+        perplexity_report(model, tok, "x" * 40)
+    with pytest.raises(ValueError, match="top_n=0"):
+        perplexity_report(model, tok, "hello", top_n=0)
+    with pytest.raises(ValueError, match="perplexity_report"):
+        perplexity_explorer_html({"tokens": []})
+
+
+def test_lesson_modules_do_not_import_the_widgets():
+    """`widgets` may import the lessons' modules, never the reverse (no cycles, lessons stay light)."""
+    code = ("import sys, llm_from_scratch.generate, llm_from_scratch.loss, llm_from_scratch.attention; "
+            "assert 'llm_from_scratch.widgets' not in sys.modules, 'a lesson module imports widgets'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _code_cells(path):
+    for cell in json.loads(path.read_text(encoding="utf-8"))["cells"]:
+        if cell["cell_type"] == "code":
+            yield cell, "".join(cell["source"])
+
+
+@pytest.mark.parametrize("path", [p for p in NBS if p.stem != "appendix_b_explorers"], ids=lambda p: p.stem)
+def test_lessons_carry_no_explorer_plumbing(path):
+    """Only appendix B writes HTML, CSS or JavaScript; a lesson calls `show_attention`/`show_perplexity`."""
+    for _, src in _code_cells(path):
+        assert not re.search(r"<(script|style)\b", src), f"{path.name} carries HTML/JS code: move it to appendix B"
+        assert not re.search(r"from llm_from_scratch\.widgets import[^\n]*\b_\w", src), \
+            f"{path.name} imports private widget plumbing; use the public functions"
+
+
+@pytest.mark.parametrize("path", NBS, ids=lambda p: p.stem)
+def test_saved_live_widgets_are_kept_out_of_the_book(path):
+    """A saved ipywidget with controls looks live on a static page but does nothing: the cell that displays a
+    live explorer must carry the `remove-output` tag (progress bars, which only display, may stay)."""
+    for cell, src in _code_cells(path):
+        views = [o for o in cell.get("outputs", []) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+        if views and re.search(r"\b(attention_explorer|perplexity_explorer|AttentionExplorer)\(", src):
+            tags = cell["metadata"].get("tags", [])
+            assert "remove-output" in tags or "remove-cell" in tags, \
+                f"{path.name}: a cell shows a live explorer without the remove-output tag:\n{src[:200]}"

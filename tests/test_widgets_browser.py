@@ -1,4 +1,5 @@
-"""The static attention explorer in a real browser (headless Chromium driven by Playwright).
+"""The static attention and perplexity explorers (llm_from_scratch.widgets, appendix B) in a real browser
+(headless Chromium driven by Playwright).
 
 The `browser` fixture (conftest.py) skips, with the reason, only when Chromium or Playwright is missing."""
 import pytest
@@ -54,7 +55,7 @@ def test_explorer_in_browser(browser, tmp_path):
 
 def _tiny_report():
     """A perplexity report from a small random GPT and the real GPT-2 tokenizer."""
-    from llm_from_scratch.generate import perplexity_report
+    from llm_from_scratch.widgets import perplexity_report
     from llm_from_scratch.model import GPTModel
     from llm_from_scratch.tokenizer import gpt2_tokenizer
     torch.manual_seed(0)
@@ -67,7 +68,7 @@ def _tiny_report():
 
 
 def test_perplexity_explorer_in_browser(browser, tmp_path):
-    from llm_from_scratch.generate import explorer_probabilities, perplexity_explorer_html
+    from llm_from_scratch.widgets import explorer_probabilities, perplexity_explorer_html
     report = _tiny_report()
     page, errors = _page(browser, tmp_path, perplexity_explorer_html(report, title="ppx", temperature=1.0))
     root = page.locator(".lfs-ppx")
