@@ -39,7 +39,7 @@ def gpt2_size_name(name: str) -> str:
 
     Accepted: the key itself (`"gpt2-medium (355M)"`), its model name (`"gpt2-medium"`), its parameter
     count (`"355M"`), and `"gpt2"`, the Hugging Face Hub's name for the small model. This is the one table
-    of size names: `gpt2_config` and the pretrained-weight loaders (part 22) both go through it.
+    of size names: `gpt2_config` and the pretrained-weight loaders (appendix D) both go through it.
     """
     aliases = {"gpt2": "gpt2-small (124M)"}
     for key in GPT2_SIZES:

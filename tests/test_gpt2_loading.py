@@ -1,4 +1,4 @@
-"""Part 22: loading GPT-2 weights written by others (Hugging Face safetensors, the book's .pth), offline."""
+"""Appendix D: loading GPT-2 weights written by others (Hugging Face safetensors, the book's .pth), offline."""
 import datetime
 import json
 import socket
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from llm_from_scratch.model import GPTModel, gpt2_size_name
-from llm_from_scratch.train import (BOOK_GPT2_FILES, GPT2_HF_REPOS, CheckpointError, PretrainedWeightsUnavailableError,
-                                    gpt2_config_from_hf, load_gpt2, load_gpt2_from_dir, load_gpt2_pth,
-                                    load_hf_gpt2_weights, save_gpt2_to_dir)
+from llm_from_scratch.checkpoint import CheckpointError
+from llm_from_scratch.gpt2 import (BOOK_GPT2_FILES, GPT2_HF_REPOS, PretrainedWeightsUnavailableError, gpt2_config_from_hf,
+                                   load_gpt2, load_gpt2_from_dir, load_gpt2_pth, load_hf_gpt2_weights, save_gpt2_to_dir)
 
 transformers = pytest.importorskip("transformers")
 

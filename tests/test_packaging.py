@@ -84,3 +84,12 @@ def test_wheel_installs_imports_and_runs_without_dev_extras(tmp_path):
     subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel), torch_pin], check=True)
     out = subprocess.run([str(py), "-c", CHECK], check=True, capture_output=True, text=True, cwd=tmp_path)
     assert "forward and generate ok" in out.stdout and "core" in out.stdout
+
+
+def test_readme_imports_exist():
+    """Every `from llm_from_scratch... import ...` line in the README's examples imports (catches renames)."""
+    text = (ROOT / "README.md").read_text()
+    lines = re.findall(r"^from llm_from_scratch[\w.]* import .+$", text, re.M)
+    assert len(lines) >= 5, "the README's library example should show its imports"
+    for line in lines:
+        exec(line, {})

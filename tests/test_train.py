@@ -1,14 +1,14 @@
-"""Part 22: training loop, checkpoints and exact resume (tiny configs, CPU, a few seconds each)."""
+"""Part 22 (training loops, exact resume) and appendix C (checkpoints): tiny configs, CPU, a few seconds each."""
 import os
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from llm_from_scratch.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from llm_from_scratch.core import set_seed
 from llm_from_scratch.model import GPTModel
-from llm_from_scratch.train import (CheckpointError, epoch_batches, evaluate_model, load_checkpoint, save_checkpoint,
-                                    train_model, train_model_simple)
+from llm_from_scratch.train import epoch_batches, evaluate_model, train_model, train_model_simple
 
 CFG = {"vocab_size": 97, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 2,
        "drop_rate": 0.1, "qkv_bias": False}
