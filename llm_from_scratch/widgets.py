@@ -16,9 +16,9 @@ from torch import nn
 from .generate import text_to_token_ids
 
 # %% auto #0
-__all__ = ['EXPLORER_TEMPERATURES', 'attention_weights_4d', 'attention_explorer_html', 'show_attention', 'AttentionExplorer',
-           'attention_explorer', 'perplexity_report', 'explorer_probabilities', 'perplexity_explorer_html',
-           'show_perplexity', 'perplexity_explorer']
+__all__ = ['EXPLORER_TEMPERATURES', 'attention_weights_4d', 'attention_explorer_html', 'show_attention', 'have_ipywidgets',
+           'AttentionExplorer', 'attention_explorer', 'perplexity_report', 'explorer_probabilities',
+           'perplexity_explorer_html', 'show_perplexity', 'perplexity_explorer']
 
 # %% ../nbs/appendix_b_explorers.ipynb #d250a409
 def attention_weights_4d(tokens, weights) -> np.ndarray:
@@ -253,6 +253,29 @@ def show_attention(tokens, weights, title: str | None = None, **kwargs) -> None:
     display(HTML(attention_explorer_html(tokens, weights, title, **kwargs)))
 
 # %% ../nbs/appendix_b_explorers.ipynb #06df8fa8
+def _ipywidgets(what: str):
+    "The ipywidgets module, or an ImportError that says how to get it."
+    try:
+        import ipywidgets
+    except ImportError as e:
+        raise ImportError(f"{what} needs ipywidgets: pip install ipywidgets (the static explorer needs nothing).") from e
+    return ipywidgets
+
+def have_ipywidgets() -> bool:
+    """True when the live explorers can be built, i.e. ipywidgets is installed (defined in appendix B)."""
+    try:
+        _ipywidgets("the live explorer")
+    except ImportError:
+        return False
+    return True
+
+def _static_instead(html: str):
+    "What a live explorer shows where ipywidgets is missing: one line saying so, then the static explorer."
+    from IPython.display import HTML
+    print("The live explorer needs ipywidgets (pip install ipywidgets, then restart the kernel); "
+          "showing the static explorer instead.")
+    return HTML(html)
+
 class AttentionExplorer:
     """A live attention explorer: type a sentence, pick a layer and head, see the heatmap (defined in appendix B).
 
@@ -265,11 +288,7 @@ class AttentionExplorer:
     def __init__(self, weights_fn, text: str = "The cat sat on the mat", title: str | None = None):
         if not callable(weights_fn):
             raise TypeError(f"weights_fn must be a function text -> (tokens, weights), got {type(weights_fn).__name__}.")
-        try:
-            import ipywidgets as W
-        except ImportError as e:
-            raise ImportError("AttentionExplorer needs ipywidgets: pip install ipywidgets "
-                              "(or use show_attention for a static explorer).") from e
+        W = _ipywidgets("AttentionExplorer")
         self.weights_fn, self.title = weights_fn, title
         self.text_box = W.Text(value=text, description="text", continuous_update=False,
                                layout=W.Layout(width="420px"))
@@ -327,8 +346,14 @@ class AttentionExplorer:
         display(self.widget)
 
 # %% ../nbs/appendix_b_explorers.ipynb #f3362bb2
-def attention_explorer(weights_fn, text: str = "The cat sat on the mat", title: str | None = None) -> AttentionExplorer:
-    """Build a live `AttentionExplorer` for `weights_fn(text) -> (tokens, weights)` (defined in appendix B)."""
+def attention_explorer(weights_fn, text: str = "The cat sat on the mat", title: str | None = None):
+    """A live `AttentionExplorer` for `weights_fn(text) -> (tokens, weights)` (defined in appendix B).
+
+    Without ipywidgets it says so in one line and returns the static explorer for `text` instead, so a
+    notebook that calls it still runs from top to bottom."""
+    if not have_ipywidgets():
+        tokens, weights = weights_fn(text)
+        return _static_instead(attention_explorer_html(tokens, weights, title))
     return AttentionExplorer(weights_fn, text=text, title=title)
 
 # %% ../nbs/appendix_b_explorers.ipynb #d53d009c
@@ -510,9 +535,12 @@ def show_perplexity(model: nn.Module, tokenizer, text: str, title: str | None = 
 def perplexity_explorer(model: nn.Module, tokenizer, text: str = "Every effort moves you forward.", top_n: int = 8):
     """A live ipywidgets perplexity explorer: edit the text, move the temperature (defined in appendix B).
 
-    Returns the widget (a `VBox`); display it as the last expression of a cell. Needs `ipywidgets`.
+    Returns the widget (a `VBox`); display it as the last expression of a cell. Without ipywidgets it says
+    so in one line and returns the static explorer for `text` instead.
     """
-    import ipywidgets as W
+    if not have_ipywidgets():
+        return _static_instead(perplexity_explorer_html(perplexity_report(model, tokenizer, text, top_n=top_n)))
+    W = _ipywidgets("perplexity_explorer")
     area = W.Textarea(value=text, layout=W.Layout(width="100%", height="70px"), continuous_update=False)
     slider = W.FloatSlider(value=1.0, min=EXPLORER_TEMPERATURES[0], max=EXPLORER_TEMPERATURES[-1], step=0.1,
                            description="temperature", continuous_update=False)

@@ -1,6 +1,7 @@
 """A wheel built from the repo installs into a fresh virtual environment (no dev extras), imports every
 module and runs the model: what a reader gets from `pip install`."""
 import configparser
+import os
 import re
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import venv
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,11 +65,24 @@ def test_distribution_name_is_ours_not_the_unrelated_pypi_project():
         assert not re.search(r"pip install\s+(-U\s+)?llm[-_]from[-_]scratch(\s|$|\[)", text), f"{doc} installs the wrong project"
 
 
-def test_wheel_installs_imports_and_runs_without_dev_extras(tmp_path):
-    dist = tmp_path / "dist"
+@pytest.fixture(scope="module")
+def plain_env(tmp_path_factory):
+    """A fresh virtual environment holding only the wheel and its runtime requirements: a reader's install."""
+    tmp = tmp_path_factory.mktemp("plain")
+    dist = tmp / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(dist), str(ROOT)], check=True)
     (wheel,) = dist.glob("llm_from_scratch_course-*.whl")
+    env = tmp / "venv"
+    venv.EnvBuilder(with_pip=True).create(env)
+    py = env / "bin" / "python"
+    torch_pin = "torch==" + torch.__version__.split("+")[0]     # the build already here, not a fresh CUDA one
+    subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel), torch_pin], check=True)
+    return wheel, py, tmp
+
+
+def test_wheel_installs_imports_and_runs_without_dev_extras(plain_env):
+    wheel, py, tmp = plain_env
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         meta = zf.read(next(n for n in names if n.endswith("METADATA"))).decode()
@@ -76,14 +91,36 @@ def test_wheel_installs_imports_and_runs_without_dev_extras(tmp_path):
     assert "llm_from_scratch/core.py" in names and "llm_from_scratch/model.py" in names
     assert not any(("nbdev" in r or "fastcore" in r) and "extra" not in r for r in requires), requires
     assert not any(n.startswith(("nbs/", "tests/")) for n in names)
-
-    env = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True).create(env)
-    py = env / "bin" / "python"
-    torch_pin = "torch==" + torch.__version__.split("+")[0]     # the build already here, not a fresh CUDA one
-    subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel), torch_pin], check=True)
-    out = subprocess.run([str(py), "-c", CHECK], check=True, capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run([str(py), "-c", CHECK], check=True, capture_output=True, text=True, cwd=tmp)
     assert "forward and generate ok" in out.stdout and "core" in out.stdout
+
+
+RUN_NOTEBOOKS = r"""
+import glob, os, sys
+import nbformat
+from nbclient import NotebookClient
+failed = []
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.ipynb"))):
+    nb = nbformat.read(path, as_version=4)
+    try:
+        NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": sys.argv[2]}}).execute()
+    except Exception as e:
+        failed.append(f"{os.path.basename(path)}: {str(e)[-400:]}")
+print("FAILED:", failed if failed else "none")
+"""
+
+
+def test_every_notebook_runs_in_a_plain_install_with_jupyter(plain_env):
+    """What a reader does on Binder or a fresh machine: the wheel plus a Jupyter kernel, no dev extras and no
+    ipywidgets (JupyterLab does not bring it), then "run all" on every notebook (smoke profile)."""
+    wheel, py, tmp = plain_env
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "nbclient", "ipykernel", "nbformat"], check=True)
+    missing = subprocess.run([str(py), "-c", "import ipywidgets"], capture_output=True)
+    assert missing.returncode != 0, "the plain environment should not have ipywidgets"
+    env = {**os.environ, "LLM_FROM_SCRATCH_PROFILE": "smoke", "MPLBACKEND": "Agg"}
+    out = subprocess.run([str(py), "-c", RUN_NOTEBOOKS, str(ROOT / "nbs"), str(tmp)], capture_output=True,
+                         text=True, env=env, cwd=tmp)
+    assert "FAILED: none" in out.stdout, out.stdout[-4000:] + out.stderr[-2000:]
 
 
 def test_readme_imports_exist():

@@ -159,3 +159,18 @@ def test_saved_live_widgets_are_kept_out_of_the_book(path):
             tags = cell["metadata"].get("tags", [])
             assert "remove-output" in tags or "remove-cell" in tags, \
                 f"{path.name}: a cell shows a live explorer without the remove-output tag:\n{src[:200]}"
+
+
+def test_live_explorers_fall_back_to_static_without_ipywidgets(monkeypatch, capsys):
+    """A plain install has no ipywidgets: the lesson's call prints one line and shows the static explorer."""
+    from llm_from_scratch import widgets
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)          # `import ipywidgets` now raises ImportError
+    assert not widgets.have_ipywidgets()
+    with pytest.raises(ImportError, match="pip install ipywidgets"):
+        AttentionExplorer(lambda text: (text.split(), torch.ones(1, 1)), text="a")
+    weights_fn = lambda text: (text.split(), torch.tril(torch.ones(3, 3)) / torch.arange(1, 4)[:, None])
+    shown = widgets.attention_explorer(weights_fn, text="a b c", title="fallback")
+    assert "needs ipywidgets" in capsys.readouterr().out
+    assert 'class="lfs-attn"' in shown.data and "fallback" in shown.data
+    shown = widgets.perplexity_explorer(_tiny_model(), _Tok(), "hello there")
+    assert "needs ipywidgets" in capsys.readouterr().out and "ppx-tok" in shown.data
