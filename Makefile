@@ -45,11 +45,15 @@ sync-check: venv
 	if [ "$$before" != "$$after" ]; then echo "FAIL: nbdev_export changed llm_from_scratch/: notebooks and library were out of sync; commit both"; exit 1; fi; \
 	echo "library is in sync with the notebooks"
 
+# Tests never touch the network: HF_HUB_OFFLINE makes load_gpt2 give up at once (part 22 then uses its
+# labelled stand-in); data files come from LLM_FROM_SCRATCH_DATA or the cache.
+TEST_ENV := LLM_FROM_SCRATCH_PROFILE=smoke MPLBACKEND=Agg HF_HUB_OFFLINE=1
+
 nbtest: venv
-	LLM_FROM_SCRATCH_PROFILE=smoke MPLBACKEND=Agg $(BIN)/nbdev_test --n_workers 2 --timing
+	$(TEST_ENV) $(BIN)/nbdev_test --n_workers 2 --timing
 
 pytest: venv
-	LLM_FROM_SCRATCH_PROFILE=smoke MPLBACKEND=Agg $(BIN)/python -m pytest tests -q -ra
+	$(TEST_ENV) $(BIN)/python -m pytest tests -q -ra
 
 test: clean-check sync-check nbtest book pytest
 
