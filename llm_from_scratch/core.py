@@ -86,7 +86,8 @@ def test_fail(f, msg: str = "", contains: str = "", exc: type = Exception, args=
 def _equal(a, b) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         a, b = torch.as_tensor(a), torch.as_tensor(b)
-        return a.shape == b.shape and bool(torch.equal(a, b.to(a.dtype)))
+        common = torch.promote_types(a.dtype, b.dtype)        # never round one side to the other's type
+        return a.shape == b.shape and bool(torch.equal(a.to(common), b.to(common)))
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         return bool(np.array_equal(np.asarray(a), np.asarray(b)))
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
