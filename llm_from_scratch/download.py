@@ -68,6 +68,17 @@ REGISTRY: dict[str, DataFile] = {f.name: f for f in [
              "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
              "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", 1115394,
              "Tiny Shakespeare: a larger text for pretraining experiments"),
+    DataFile("eval-example-data.json", f"{_RASBT}/ch07/03_model-evaluation/eval-example-data.json",
+             "90e9ceb4f1184f6b307fd76d0dd1e8b15bd3da200b1fc69ee897107394a775e0", 36874,
+             "100 instructions with two models' answers (the book's evaluation bonus)"),
+    *[DataFile(f"judge-scores-{judge}-model-{m}-response.json",
+               f"{_RASBT}/ch07/03_model-evaluation/scores/{judge}-model-{m}-response.json", digest, size,
+               f"{label}'s 0-100 scores of 'model {m} response' in eval-example-data.json")
+      for judge, label, m, digest, size in [
+          ("gpt4", "GPT-4", 1, "705f24bf17878d5e29c5cb2daeae00a64a1688756192478f91f41bf1eff85689", 445),
+          ("gpt4", "GPT-4", 2, "2b10d2abdf1f71f4f8057c012be2bf6c777823adbadb597f4d1699e06129db5a", 408),
+          ("llama3-8b", "Llama 3 8B", 1, "a6005211110bf3d9e30dbdb17638a1918004bc490c85b0b3520798a31d7fa5a4", 402),
+          ("llama3-8b", "Llama 3 8B", 2, "18e501530c56085aca3e6c2d7da39edc03fd85fe205f17a65ab1a400c6d61125", 393)]],
 ]}
 
 # %% ../nbs/appendix_a_data.ipynb #b05d8ba6
