@@ -332,7 +332,7 @@ BASE_MODEL_TEXTS = ("tinyshakespeare.txt", "the-verdict.txt")      # public doma
 COURSE_BASE_RECIPES = {                    # keyed by profile; "full" is the one the course's text describes
     "full": {"config": {"vocab_size": 50257, "context_length": 256, "emb_dim": 256, "n_heads": 8, "n_layers": 6,
                         "drop_rate": 0.1, "qkv_bias": False},
-             "steps": 600, "batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 30,
+             "steps": 300, "batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20,
              "weight_decay": 0.1, "eval_every": 50, "eval_batches": 8, "val_fraction": 0.1, "seed": 123},
     "smoke": {"config": {"vocab_size": 50257, "context_length": 64, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
                          "drop_rate": 0.1, "qkv_bias": False},
