@@ -186,7 +186,7 @@ def _guarded(node, parents):
             return True
         if isinstance(p, ast.Try):
             for h in p.handlers:
-                names = {n.id for n in ast.walk(h.type)} if h.type is not None else {"Exception"}
+                names = {n.id for n in ast.walk(h.type) if isinstance(n, ast.Name)} if h.type is not None else {"Exception"}
                 if names & {"ImportError", "ModuleNotFoundError", "Exception"}:
                     return True
     return False
