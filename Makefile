@@ -88,5 +88,18 @@ book: $(VENV)/.installed-book $(WIDGETS_JS)/embed-amd.js $(WIDGETS_JS)/mathjax/t
 	$(BIN)/jupyter-book build . --all --builder html -W -n --keep-going
 	@echo "The book is at $(CURDIR)/_build/html/index.html"
 
+# Races against the book's own package (setup.py's bench extra). It is installed with --no-deps: its own
+# requirements (tensorflow, jupyterlab, ...) are not needed to import its model. bench_generate.py is the
+# generation race (parts 21/27); the last line is always `RESULT train_vs_book=<x> generate_vs_book=<y>`.
+BENCH_SPEC := llms-from-scratch==1.0.19
+
 bench: venv
-	$(BIN)/python benchmarks/bench_train.py
+	@$(BIN)/python -c "import llms_from_scratch" 2>/dev/null || $(BIN)/pip install --no-deps "$(BENCH_SPEC)"
+	@set -o pipefail; log=$$(mktemp); \
+	$(BIN)/python benchmarks/bench_train.py | tee $$log || { rm -f $$log; exit 1; }; \
+	train=$$(sed -n 's/^train_vs_book=//p' $$log | tail -n 1); \
+	if [ -f benchmarks/bench_generate.py ]; then \
+	  $(BIN)/python benchmarks/bench_generate.py | tee $$log || { rm -f $$log; exit 1; }; \
+	  gen=$$(sed -n 's/^generate_vs_book=//p' $$log | tail -n 1); \
+	else echo "benchmarks/bench_generate.py not found: no generation race"; fi; \
+	rm -f $$log; echo "RESULT train_vs_book=$${train:-n/a} generate_vs_book=$${gen:-n/a}"

@@ -28,7 +28,10 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg["lib_path"], cfg["lib_path"] + ".*"]),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={"dev": dev_requirements, "book": cfg.get("book_requirements", "").split()},
+    # bench: the book's own package, raced by `make bench` (never a runtime dependency). Its own requirements
+    # include tensorflow and jupyterlab, so the Makefile installs it with --no-deps.
+    extras_require={"dev": dev_requirements, "book": cfg.get("book_requirements", "").split(),
+                    "bench": ["llms-from-scratch==1.0.19"]},
     zip_safe=False,
     classifiers=[
         "Programming Language :: Python :: 3",

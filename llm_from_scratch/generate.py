@@ -80,9 +80,23 @@ def _check_int(name: str, value, low: int) -> int:
         raise ValueError(f"{name}={value} must be >= {low}.")
     return int(value)
 
+def _next_logits_fn(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int, use_cache):
+    "The function a decoding step calls for next-token logits (B, V): with a KV cache (part 27) or without."
+    if use_cache is not None and not isinstance(use_cache, bool):
+        raise TypeError(f"generate: use_cache must be True, False or None (automatic), got {use_cache!r}.")
+    if use_cache is not False:
+        from llm_from_scratch.kv_cache import CachedDecoder, KVCacheError, supports_kv_cache   # lazy (part 27)
+        reason = supports_kv_cache(model)
+        if reason is None:
+            return CachedDecoder(model, context_size, idx.shape[0], idx.shape[1] + max_new_tokens)
+        if use_cache:
+            raise KVCacheError(f"generate: use_cache=True but {reason}; call model.eval(), or pass "
+                               "use_cache=None to fall back to the uncached loop automatically.")
+    return lambda ids: model(ids[:, -context_size:])[:, -1, :]                     # (B, V): the explicit path
+
 def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int,
              temperature: float = 0.0, top_k: int | None = None, eos_id: int | None = None,
-             *, generator: torch.Generator | None = None) -> torch.Tensor:
+             *, generator: torch.Generator | None = None, use_cache: bool | None = None) -> torch.Tensor:
     """Append up to `max_new_tokens` tokens to the prompts `idx` (B, T) and return `(B, T + n)` (defined in part 21).
 
     Each step reads the last `context_size` tokens, keeps the `top_k` largest logits (None: all), then
@@ -93,6 +107,11 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
     `context_size` tokens, as in the book, with a `PromptCroppedWarning`; the returned tensor still holds
     the whole prompt. Sampling uses `generator` if given, else torch's global RNG (`torch.manual_seed`).
     Runs without gradients and leaves the model's mode alone: call `model.eval()` first.
+
+    `use_cache` (part 27): `None` (default) decodes with a KV cache when the model allows it (the course's
+    `GPTModel` in eval mode) and otherwise runs the plain loop; `True` insists on the cache and raises
+    `KVCacheError` when the model cannot use it; `False` is the explicit path, the whole window each step.
+    Both paths give the same tokens (the cache only skips recomputing what the window already computed).
     """
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"generate: idx must be a LongTensor of token ids, got {type(idx).__name__}; "
@@ -114,10 +133,11 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
         warnings.warn(f"generate: the prompt has {idx.shape[1]} tokens but context_size={context_size}; the model "
                       f"only reads the last {context_size} (the returned ids still contain the whole prompt).",
                       PromptCroppedWarning, stacklevel=2)
+    next_logits = _next_logits_fn(model, idx, max_new_tokens, context_size, use_cache)
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)        # (B,)
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits = model(idx[:, -context_size:])[:, -1, :]                          # (B, V): last position
+            logits = next_logits(idx)                                                  # (B, V): last position
             top_k = _check_top_k(top_k, logits.shape[-1])
             if temperature == 0.0:                 # greedy; keeping the top k never changes the argmax
                 idx_next = logits.argmax(dim=-1, keepdim=True)                         # (B, 1)

@@ -7,13 +7,17 @@ import dataclasses
 import time
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, restore_rng_state, save_checkpoint  # appendix C
 from .generate import generate, text_to_token_ids, token_ids_to_text
 from .loss import calc_loss_batch, calc_loss_loader
+from .speed import (check_batch_split, ddp_wrap, gather_rng_states, get_rank,  # appendix E
+                                   get_world_size, global_mean_loss, is_main_process, rank_share)
 
 # %% auto #0
 __all__ = ['evaluate_model', 'generate_and_print_sample', 'train_model_simple', 'plot_losses', 'TrainHistory', 'epoch_batches',
@@ -175,12 +179,23 @@ def train_model(model: nn.Module, train_loader, val_loader, optimizer, device, n
     loads such a file and carries on from that position; `max_steps` stops after that many steps in total
     (for a time budget, or to simulate an interruption). `verbose=False` prints no evaluation lines or
     samples; `progress=False` hides the progress bar. Returns a `TrainHistory`.
+
+    Under `torchrun` (a `torch.distributed` process group of N > 1 processes, appendix E) the same call trains
+    with `DistributedDataParallel`: the loader's `batch_size` stays the *global* batch, each rank computes its
+    share of every batch (`rank_share`), gradients are averaged over ranks, so the steps equal one process's
+    with the same batch. Every rank records the same history; rank 0 alone prints and writes checkpoints.
     """
     num_items, batch_size, shuffle, drop_last = _loader_plan(train_loader)
     n_batches = len(epoch_batches(num_items, batch_size, 0, shuffle=False, seed=0, drop_last=drop_last))
     _check_loop_args(num_epochs, eval_freq, n_batches)
     if checkpoint_every is not None and (checkpoint_path is None or checkpoint_every < 1):
         raise ValueError("train_model: checkpoint_every needs checkpoint_path and must be >= 1.")
+    world, rank = get_world_size(), get_rank()                # 1 and 0 without torchrun (appendix E)
+    if isinstance(model, DistributedDataParallel):
+        model = model.module                                  # train_model wraps it itself
+    if world > 1:
+        sizes = [len(b) for b in epoch_batches(num_items, batch_size, 0, shuffle=False, seed=0, drop_last=drop_last)]
+        check_batch_split(sizes, world)
     hist, epoch0, batch0, global_step, tokens_seen = TrainHistory(), 0, 0, -1, 0
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, model, optimizer)
@@ -197,14 +212,23 @@ def train_model(model: nn.Module, train_loader, val_loader, optimizer, device, n
         global_step, tokens_seen = state["global_step"], state["tokens_seen"]
         hist = TrainHistory(**state["history"])
         restore_rng_state(ckpt["rng_state"])          # dropout continues with the same random numbers
+        if world > 1 and len(state.get("rank_rng_states", [])) == world:
+            restore_rng_state(state["rank_rng_states"][rank])   # each rank its own generator
+    net = ddp_wrap(model, device) if world > 1 else model     # forward and backward go through net
 
     def save(epoch: int, batch: int) -> None:
         train_state = {"epoch": epoch, "batch": batch, "global_step": global_step, "tokens_seen": tokens_seen,
                        "batches_per_epoch": n_batches, "shuffle": shuffle, "shuffle_seed": shuffle_seed,
                        "history": dataclasses.asdict(hist)}
-        save_checkpoint(checkpoint_path, model, optimizer, train_state=train_state)
+        if world > 1:
+            train_state["rank_rng_states"] = gather_rng_states()   # a collective: every rank takes part
+        if is_main_process():
+            save_checkpoint(checkpoint_path, model, optimizer, train_state=train_state)
+        if world > 1:
+            dist.barrier()                                      # nobody runs ahead of the file
 
-    bar = tqdm(total=num_epochs * n_batches, initial=global_step + 1, unit="step", desc="training", disable=not progress)
+    bar = tqdm(total=num_epochs * n_batches, initial=global_step + 1, unit="step", desc="training",
+               disable=not progress or not is_main_process())
     start, tokens_at_start = time.perf_counter(), tokens_seen
     for epoch in range(epoch0, num_epochs):
         model.train()
@@ -213,12 +237,18 @@ def train_model(model: nn.Module, train_loader, val_loader, optimizer, device, n
             if max_steps is not None and global_step + 1 >= max_steps:
                 bar.close()
                 return hist
-            input_batch, target_batch = train_loader.collate_fn([train_loader.dataset[i] for i in batches[b]])  # (B, T)
+            ids = batches[b] if world == 1 else rank_share(batches[b], rank, world)   # this rank's examples
+            input_batch, target_batch = train_loader.collate_fn([train_loader.dataset[i] for i in ids])  # (B, T)
             optimizer.zero_grad()
-            loss = calc_loss_batch(input_batch, target_batch, model, device)
-            loss.backward()
+            loss = calc_loss_batch(input_batch, target_batch, net, device)
+            if world == 1:
+                loss.backward()
+            else:
+                # DDP averages gradients over ranks; weighting by share size makes that the global batch's mean
+                (loss * (len(ids) * world / len(batches[b]))).backward()
+                loss = global_mean_loss(loss, len(ids), len(batches[b]))
             optimizer.step()
-            tokens_seen += input_batch.numel()
+            tokens_seen += input_batch.numel() // len(ids) * len(batches[b])    # the global batch's tokens
             global_step += 1
             hist.step_losses.append(loss.item())
             bar.update(1)
@@ -230,11 +260,11 @@ def train_model(model: nn.Module, train_loader, val_loader, optimizer, device, n
                 hist.val_losses.append(val_loss)
                 hist.track_tokens_seen.append(tokens_seen)
                 hist.eval_steps.append(global_step)
-                if verbose:
+                if verbose and is_main_process():
                     _say(bar, f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
             if checkpoint_every is not None and (global_step + 1) % checkpoint_every == 0:
                 save(epoch, b + 1)                     # position = the next batch to run
-        if verbose and start_context is not None and tokenizer is not None:
+        if verbose and is_main_process() and start_context is not None and tokenizer is not None:
             _say(bar, _sample_text(model, tokenizer, device, start_context))
     if checkpoint_path is not None:
         save(num_epochs, 0)
