@@ -365,14 +365,19 @@ def load_chat_model(spec: str = "124M", device=None) -> tuple[nn.Module, str]:
     return model.eval(), f"{path.name} ({params / 1e6:.1f}M parameters, context {model.cfg['context_length']})"
 
 # %% ../nbs/24_transcript_hack.ipynb #03dc1cc4
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+def _int_at_least(low: int):
+    "An argparse type: an integer >= `low`, refused with the usage line otherwise."
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+    return parse
+
+_positive_int, _seed = _int_at_least(1), _int_at_least(0)
 
 def _temperature(text: str) -> float:
     try:
@@ -381,15 +386,6 @@ def _temperature(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"{value} must be >= 0 (0 means greedy decoding)")
-    return value
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
     return value
 
 def chat_arg_parser() -> argparse.ArgumentParser:
