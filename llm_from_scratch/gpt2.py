@@ -3,14 +3,10 @@
 # %% ../nbs/appendix_d_gpt2_weights.ipynb #897fb4ac
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
-import math
 import os
 import re
 import socket
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,18 +15,13 @@ import torch
 from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save_file as _save_safetensors
 
-from .checkpoint import CheckpointError, check_state_dict, load_checkpoint, read_weights_only, save_checkpoint
-from .core import describe_hardware, get_device, get_profile, set_seed
-from .data import create_dataloader_v1
-from .download import cache_dir, read_text
-from .loss import calc_loss_batch, calc_loss_loader
+from .checkpoint import CheckpointError, check_state_dict, read_weights_only
+from .core import get_device
 from .model import GPT2_SIZES, GPTModel, gpt2_config, gpt2_size_name, validate_config
 
 # %% auto #0
-__all__ = ['GPT2_HF_REPOS', 'BOOK_GPT2_REPO', 'BOOK_GPT2_FILES', 'BASE_MODEL_TEXTS', 'COURSE_BASE_RECIPES', 'gpt2_config_from_hf',
-           'load_hf_gpt2_weights', 'load_gpt2_from_dir', 'save_gpt2_to_dir', 'load_gpt2_pth',
-           'PretrainedWeightsUnavailableError', 'load_gpt2', 'lr_at', 'course_base_model_path', 'pretrain_base_model',
-           'BaseModel', 'course_base_model', 'load_base_model']
+__all__ = ['GPT2_HF_REPOS', 'BOOK_GPT2_REPO', 'BOOK_GPT2_FILES', 'gpt2_config_from_hf', 'load_hf_gpt2_weights',
+           'load_gpt2_from_dir', 'save_gpt2_to_dir', 'load_gpt2_pth', 'PretrainedWeightsUnavailableError', 'load_gpt2']
 
 # %% ../nbs/appendix_d_gpt2_weights.ipynb #f09dff68
 GPT2_HF_REPOS = {                                   # keyed by part 19's GPT2_SIZES names
@@ -325,192 +316,3 @@ def load_gpt2(model_size: str = "124M", *, models_dir=None, source: str = "hf", 
     if source == "hf":
         return load_gpt2_from_dir(paths[0].parent, device=device)
     return load_gpt2_pth(paths[0], gpt2_config(name, qkv_bias=True), device=device)
-
-# %% ../nbs/appendix_d_gpt2_weights.ipynb #90ed14b9
-BASE_MODEL_TEXTS = ("tinyshakespeare.txt", "the-verdict.txt")      # public domain, in the data registry
-
-COURSE_BASE_RECIPES = {                    # keyed by profile; "full" is the one the course's text describes
-    "full": {"config": {"vocab_size": 50257, "context_length": 256, "emb_dim": 256, "n_heads": 8, "n_layers": 6,
-                        "drop_rate": 0.1, "qkv_bias": False},
-             "steps": 300, "batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20,
-             "weight_decay": 0.1, "eval_every": 50, "eval_batches": 8, "val_fraction": 0.1, "seed": 123},
-    "smoke": {"config": {"vocab_size": 50257, "context_length": 64, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
-                         "drop_rate": 0.1, "qkv_bias": False},
-              "steps": 30, "batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5,
-              "weight_decay": 0.1, "eval_every": 10, "eval_batches": 2, "val_fraction": 0.1, "seed": 123},
-}
-
-def lr_at(step: int, *, steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:
-    """Learning rate at `step` (0-based): linear warm-up over `warmup_steps`, then a cosine from `lr` to `min_lr` (defined in appendix D)."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-def _recipe_fingerprint(recipe: Mapping) -> str:
-    "Ten hex digits that change whenever the recipe (or the list of texts) changes."
-    blob = json.dumps({"recipe": recipe, "texts": BASE_MODEL_TEXTS}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
-
-def course_base_model_path(profile: str | None = None) -> Path:
-    """Where the course's base model for `profile` (default: the current one) is cached (defined in appendix D)."""
-    profile = profile or get_profile()
-    if profile not in COURSE_BASE_RECIPES:
-        raise ValueError(f"no base-model recipe for profile {profile!r}; use one of {sorted(COURSE_BASE_RECIPES)}.")
-    return cache_dir() / "models" / f"course-base-{profile}-{_recipe_fingerprint(COURSE_BASE_RECIPES[profile])}.pth"
-
-# %% ../nbs/appendix_d_gpt2_weights.ipynb #a039569f
-def _split_texts(val_fraction: float) -> tuple[str, str]:
-    "Train and validation text: the first and last parts of each text, joined by <|endoftext|>."
-    train, val = [], []
-    for name in BASE_MODEL_TEXTS:
-        text = read_text(name)
-        cut = int(len(text) * (1 - val_fraction))
-        train.append(text[:cut])
-        val.append(text[cut:])
-    return "<|endoftext|>".join(train), "<|endoftext|>".join(val)
-
-def pretrain_base_model(recipe: Mapping, *, device=None, progress: bool = True) -> tuple[GPTModel, dict]:
-    """Pretrain a `GPTModel` from scratch on `BASE_MODEL_TEXTS` following `recipe`; returns (model in eval mode, report) (defined in appendix D).
-
-    `recipe` is one of `COURSE_BASE_RECIPES`: the config, the number of steps, the batch size, AdamW's learning
-    rate schedule (`lr_at`) and weight decay. The report is plain data: parameter count, tokens, seconds,
-    hardware, and the train and validation losses measured every `eval_every` steps and at the end.
-    """
-    from tqdm.auto import tqdm
-    device = get_device(device)
-    cfg = validate_config(recipe["config"])
-    T, B = cfg["context_length"], recipe["batch_size"]
-    set_seed(recipe["seed"])
-    train_text, val_text = _split_texts(recipe["val_fraction"])
-    train_loader = create_dataloader_v1(train_text, batch_size=B, max_length=T, stride=T, shuffle=True, drop_last=True)
-    val_loader = create_dataloader_v1(val_text, batch_size=B, max_length=T, stride=T, shuffle=False, drop_last=False)
-    model = GPTModel(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
-    sched = {k: recipe[k] for k in ("steps", "lr", "min_lr", "warmup_steps")}
-    history = {"step": [], "train_loss": [], "val_loss": []}
-
-    def evaluate(step: int, n_batches: int | None) -> float:
-        model.eval()
-        tr = calc_loss_loader(train_loader, model, device, num_batches=n_batches or recipe["eval_batches"])
-        va = calc_loss_loader(val_loader, model, device, num_batches=n_batches)
-        model.train()
-        history["step"].append(step)
-        history["train_loss"].append(round(tr, 4))
-        history["val_loss"].append(round(va, 4))
-        return va
-
-    bar = tqdm(total=recipe["steps"], unit="step", desc="pretraining the course base model", disable=not progress)
-    start, step, batches = time.perf_counter(), 0, iter(train_loader)
-    model.train()
-    while step < recipe["steps"]:
-        try:
-            input_batch, target_batch = next(batches)                      # (B, T) each
-        except StopIteration:                                               # an epoch ended: reshuffle
-            batches = iter(train_loader)
-            continue
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, **sched)
-        optimizer.zero_grad()
-        loss = calc_loss_batch(input_batch, target_batch, model, device)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)              # one bad batch cannot wreck a short run
-        optimizer.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % recipe["eval_every"] == 0 and step < recipe["steps"]:
-            evaluate(step, recipe["eval_batches"])
-    bar.close()
-    seconds = time.perf_counter() - start
-    val_loss = evaluate(step, None)                                         # the final number: the whole validation set
-    model.eval()
-    report = {
-        "params": sum(p.numel() for p in model.parameters()),
-        "train_tokens": len(train_loader.dataset) * T,
-        "val_tokens": len(val_loader.dataset) * T,
-        "tokens_seen": recipe["steps"] * B * T,
-        "steps": recipe["steps"],
-        "train_seconds": round(seconds, 1),
-        "val_loss": round(val_loss, 4),
-        "val_perplexity": round(math.exp(val_loss), 2),
-        "hardware": describe_hardware(device),
-        "texts": list(BASE_MODEL_TEXTS),
-        "history": history,
-    }
-    return model, report
-
-# %% ../nbs/appendix_d_gpt2_weights.ipynb #87a0db27
-@dataclasses.dataclass
-class BaseModel:
-    """A starting point for parts 22-27: `model` (a `GPTModel` in eval mode), the `name` every output quotes,
-    whether it `is_gpt2`, and a plain-data `report` of where it came from (defined in appendix D)."""
-    model: GPTModel
-    name: str
-    is_gpt2: bool
-    report: dict
-
-    def __str__(self) -> str:
-        return self.name
-
-def _course_name(profile: str, report: Mapping) -> str:
-    recipe = "" if profile == "full" else f", {profile} recipe"
-    return f"the course's base model ({report['params'] / 1e6:.1f}M parameters{recipe}; not GPT-2)"
-
-def course_base_model(*, profile: str | None = None, device=None, rebuild: bool = False,
-                      progress: bool = True) -> BaseModel:
-    """The course's own pretrained model for `profile`: loaded from the cache, or pretrained once and cached (defined in appendix D).
-
-    The file is written atomically by `save_checkpoint` with the training report inside; `rebuild=True` trains
-    it again. A cached file that cannot be read raises `CheckpointError` saying where it is; it is never
-    silently overwritten.
-    """
-    profile = profile or get_profile()
-    path = course_base_model_path(profile)
-    device = get_device(device)
-    recipe = COURSE_BASE_RECIPES[profile]
-    if path.exists() and not rebuild:
-        model = GPTModel(recipe["config"])
-        try:
-            ckpt = load_checkpoint(path, model)
-        except CheckpointError as e:
-            raise CheckpointError(f"the cached course base model {path} cannot be used: {e}\nDelete that file (it "
-                                  "is only a cache) or call course_base_model(rebuild=True) to train it again.") from e
-        report = dict(ckpt["extra"]["report"], source=f"loaded from the cache ({path.name})")
-        model.to(device).eval()
-    else:
-        model, report = pretrain_base_model(recipe, device=device, progress=progress)
-        save_checkpoint(path, model, report=report)
-        report = dict(report, source=f"pretrained just now, cached as {path.name}")
-    return BaseModel(model, _course_name(profile, report), False, report)
-
-def load_base_model(model_size: str = "124M", *, device=None, models_dir=None, source: str = "hf",
-                    timeout: float = 5.0, rebuild: bool = False, progress: bool = True,
-                    verbose: bool = True) -> BaseModel:
-    """The starting point of parts 22-27: OpenAI's GPT-2 of `model_size` where its weights can be had, else the course's base model (defined in appendix D).
-
-    `model_size` is any size `load_gpt2` accepts, or `"course"` for the course's own model directly. GPT-2 comes
-    from `load_gpt2` (the cache first, then the Hugging Face Hub); if that raises
-    `PretrainedWeightsUnavailableError` (offline, `HF_HUB_OFFLINE=1`), `course_base_model` is used instead. With
-    `verbose`, one line says which model it is and, for the fallback, why GPT-2 was not used.
-    """
-    why_not = None
-    if str(model_size).strip().lower() != "course":
-        name = gpt2_size_name(model_size)                                   # unknown sizes fail here, clearly
-        try:
-            model = load_gpt2(model_size, models_dir=models_dir, source=source, device=device, timeout=timeout)
-        except PretrainedWeightsUnavailableError as e:
-            why_not = f"GPT-2 {name.split('(')[1].rstrip(')')} unavailable: {e.reason}"
-        else:
-            count = name.split("(")[1].rstrip(")")
-            report = {"params": sum(p.numel() for p in model.parameters()), "source": f"load_gpt2({model_size!r})"}
-            base = BaseModel(model, f"GPT-2 {count} (OpenAI's pretrained weights)", True, report)
-            if verbose:
-                print(f"base model: {base.name}")
-            return base
-    base = course_base_model(device=device, rebuild=rebuild, progress=progress)
-    if why_not:
-        base.report["why_not_gpt2"] = why_not
-    if verbose:
-        print(f"base model: {base.name}, {base.report['source']}" + (f" [{why_not}]" if why_not else ""))
-    return base

@@ -1,4 +1,4 @@
-"""Appendix D: `load_base_model`, the starting point of parts 22-27 (GPT-2 where it can be had, else the course's
+"""Appendix F: `load_base_model`, the starting point of parts 22-27 (GPT-2 where it can be had, else the course's
 own base model, pretrained once and cached). Uses the smoke recipe, which trains in seconds."""
 import math
 import os
@@ -9,8 +9,9 @@ import torch
 
 from conftest import SHARED_DATA
 from llm_from_scratch.checkpoint import CheckpointError
-from llm_from_scratch.gpt2 import (COURSE_BASE_RECIPES, BaseModel, _recipe_fingerprint, course_base_model,
-                                   course_base_model_path, load_base_model, lr_at)
+from llm_from_scratch.base_model import (COURSE_BASE_RECIPES, BaseModel, _recipe_fingerprint, code_digest,
+                                         course_base_model, course_base_model_path, load_base_model, lr_at,
+                                         source_digest)
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,7 +65,7 @@ def test_offline_load_base_model_falls_back_and_says_why(built, capsys):
 
 
 def test_course_asked_for_directly_does_not_look_for_gpt2(built, monkeypatch, capsys):
-    import llm_from_scratch.gpt2 as g
+    import llm_from_scratch.base_model as g
     monkeypatch.setattr(g, "load_gpt2", lambda *a, **k: pytest.fail("load_gpt2 called for model_size='course'"))
     base = load_base_model("course", device="cpu", progress=False)
     assert not base.is_gpt2 and "why_not_gpt2" not in base.report
@@ -88,7 +89,7 @@ def test_gpt2_is_used_wherever_its_weights_can_be_had(smoke_env, tmp_path, monke
 
 
 def test_unknown_size_fails_before_anything_is_built(smoke_env, monkeypatch):
-    import llm_from_scratch.gpt2 as g
+    import llm_from_scratch.base_model as g
     monkeypatch.setattr(g, "course_base_model", lambda **k: pytest.fail("built a model for a bad size"))
     with pytest.raises(ValueError, match="124M"):
         load_base_model("7B")
@@ -120,6 +121,34 @@ def test_the_cache_name_follows_the_recipe(smoke_env):
     assert _recipe_fingerprint(changed) != _recipe_fingerprint(COURSE_BASE_RECIPES["full"])
     with pytest.raises(ValueError, match="smoke"):
         course_base_model_path("huge")
+
+
+def test_the_cache_name_follows_the_training_texts(smoke_env, monkeypatch):
+    import dataclasses
+    from llm_from_scratch import download
+    before = _recipe_fingerprint(COURSE_BASE_RECIPES["full"])
+    spec = download.REGISTRY["the-verdict.txt"]
+    monkeypatch.setitem(download.REGISTRY, "the-verdict.txt", dataclasses.replace(spec, sha256="0" * 64))
+    assert _recipe_fingerprint(COURSE_BASE_RECIPES["full"]) != before
+
+
+def test_the_cache_name_follows_the_training_code(smoke_env, monkeypatch):
+    import llm_from_scratch.base_model as bm
+    before = _recipe_fingerprint(COURSE_BASE_RECIPES["full"])
+    code = bm._training_code()
+    assert bm.pretrain_base_model in code and any(getattr(c, "__name__", "") == "GPTModel" for c in code)
+    monkeypatch.setattr(bm, "_training_code", lambda: code + [source_digest])    # one more function in the recipe
+    assert _recipe_fingerprint(COURSE_BASE_RECIPES["full"]) != before
+
+
+def test_code_digest_ignores_comments_and_docstrings_but_not_code():
+    a = 'def f(x):\n    "Doc."\n    return x + 1   # note\n'
+    b = 'def f(x):\n    \"\"\"Other doc.\"\"\"\n    return x+1\n'
+    c = 'def f(x):\n    "Doc."\n    return x + 2\n'
+    d = 'def f(x):\n    "Only a docstring."\n'
+    assert source_digest(a) == source_digest(b) != source_digest(c)
+    assert source_digest(d) == source_digest('def f(x):\n    pass\n')
+    assert code_digest(lr_at) == code_digest(lr_at) and code_digest(lr_at) != code_digest(course_base_model)
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_min_lr():
