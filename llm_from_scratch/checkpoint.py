@@ -3,6 +3,7 @@
 # %% ../nbs/appendix_c_checkpoints.ipynb #e0f2cedd
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import zipfile
@@ -13,14 +14,16 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'CheckpointError', 'capture_rng_state', 'restore_rng_state', 'save_checkpoint',
-           'read_weights_only', 'check_state_dict', 'load_checkpoint']
+__all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_FORMAT_V1', 'CheckpointError', 'capture_rng_state', 'restore_rng_state',
+           'content_digest', 'verify_digest', 'save_checkpoint', 'read_weights_only', 'check_state_dict',
+           'load_checkpoint']
 
 # %% ../nbs/appendix_c_checkpoints.ipynb #44c6dc8c
 class CheckpointError(ValueError):
-    """A file that cannot be loaded into this model: unreadable, or its tensors do not fit (defined in appendix C)."""
+    """A file that cannot be loaded into this model: unreadable, corrupt, or its tensors do not fit (defined in appendix C)."""
 
-CHECKPOINT_FORMAT = "llm_from_scratch/checkpoint-v1"
+CHECKPOINT_FORMAT = "llm_from_scratch/checkpoint-v2"       # v2: the file carries a SHA-256 digest of its contents
+CHECKPOINT_FORMAT_V1 = "llm_from_scratch/checkpoint-v1"    # written before digests: still read, but unverified
 
 def capture_rng_state() -> dict:
     """PyTorch's random-number-generator states as ByteTensors: `{"torch": cpu, "cuda": [one per GPU]}` (defined in appendix C).
@@ -56,17 +59,101 @@ def _check_plain(obj, where: str) -> None:
                     "lists, tuples, numbers, strings and None, so that it loads with torch.load(weights_only=True); "
                     "convert it first (to a list, a dict or a tensor).")
 
+# %% ../nbs/appendix_c_checkpoints.ipynb #ee64a3a6
+def _tensor_sha256(t: torch.Tensor) -> str:
+    "SHA-256 of a tensor's dtype, shape and raw bytes (row-major, wherever the tensor lives)."
+    t = t.detach()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    raw = t.cpu().contiguous().reshape(-1).view(torch.uint8)         # (numel * element_size,): the bytes
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(raw.numpy())
+    return h.hexdigest()
+
+def content_digest(obj: Mapping) -> dict:
+    """SHA-256 of every value in a checkpoint dict, and one per tensor: `{"algorithm", "contents", "tensors"}` (defined in appendix C).
+
+    Dicts are walked in their own order (which `torch.load` keeps), lists and tuples in order; a tensor adds
+    its dtype, shape and bytes, any other value its type and `repr`. `tensors` maps each tensor's place
+    (`model_state_dict.out_head.weight`) to its own digest, so that a mismatch can be named."""
+    total, tensors = hashlib.sha256(), {}
+
+    def visit(o, where: str) -> None:
+        if isinstance(o, torch.Tensor):
+            tensors[where] = digest = _tensor_sha256(o)
+            total.update(f"T:{digest};".encode())
+        elif isinstance(o, Mapping):
+            total.update(f"D{len(o)};".encode())
+            for k, v in o.items():
+                total.update(f"K{k!r};".encode())
+                visit(v, f"{where}.{k}" if isinstance(k, str) else f"{where}[{k!r}]")
+        elif isinstance(o, (list, tuple)):
+            total.update(f"{type(o).__name__}{len(o)};".encode())
+            for i, v in enumerate(o):
+                visit(v, f"{where}[{i}]")
+        else:
+            total.update(f"{type(o).__name__}:{o!r};".encode())
+
+    visit(obj, "")
+    return {"algorithm": "sha256", "contents": total.hexdigest(),
+            "tensors": {k.removeprefix("."): v for k, v in tensors.items()}}
+
+def verify_digest(ckpt: Mapping, source: str = "the checkpoint") -> bool:
+    """Check a loaded checkpoint dict against the digest it carries (defined in appendix C).
+
+    True: the contents are the ones that were written. False: there is nothing to check (a format-v1 file
+    from before digests, or a plain state dict): it loads, unverified. Raises `CheckpointError`, naming
+    `source` and every tensor whose bytes changed, when the contents differ from the stored digest."""
+    fmt = ckpt.get("format")
+    if not (isinstance(fmt, str) and fmt.startswith("llm_from_scratch/checkpoint")) or fmt == CHECKPOINT_FORMAT_V1:
+        return False
+    if fmt != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{source} is a checkpoint of format {fmt!r}, which this version does not know "
+                              f"(it reads {CHECKPOINT_FORMAT!r} and {CHECKPOINT_FORMAT_V1!r}); upgrade llm_from_scratch.")
+    stored = ckpt.get("digest")
+    if not (isinstance(stored, Mapping) and stored.get("algorithm") == "sha256"
+            and isinstance(stored.get("contents"), str) and isinstance(stored.get("tensors"), Mapping)):
+        raise CheckpointError(f"{source} says it is a {fmt} checkpoint, but its digest is missing or damaged, so "
+                              "its contents cannot be checked and nothing was loaded. Use another copy, or write it "
+                              "again with save_checkpoint.")
+    now = content_digest({k: v for k, v in ckpt.items() if k != "digest"})
+    if now["contents"] == stored["contents"]:
+        return True
+    old = stored["tensors"]
+    changed = [k for k, d in now["tensors"].items() if old.get(k) != d] + [k for k in old if k not in now["tensors"]]
+    what = (f"changed: {', '.join(changed[:5])}{f' and {len(changed) - 5} more' if len(changed) > 5 else ''}" if changed
+            else "no tensor changed, so a value outside the tensors did: the config, a setting or an extra")
+    raise CheckpointError(f"{source} is corrupt: its contents do not match the SHA-256 digest stored when it was "
+                          f"written ({what}). Some bytes changed after it was saved (a failing disk, a bad or "
+                          "interrupted copy, an edit), so nothing was loaded from it. Use another copy or an earlier "
+                          "checkpoint, or write it again with save_checkpoint.")
+
 # %% ../nbs/appendix_c_checkpoints.ipynb #d88fa16a
+def _write_error(e: OSError, path: Path, what: str) -> OSError:
+    "The same kind of OSError, with a message that names the target file, not the temporary one."
+    reason = e.strerror or str(e) or type(e).__name__
+    msg = (f"cannot write the checkpoint {path}: {what} ({reason}). Nothing was written, and a file already at that "
+           "path is unchanged. Choose a folder you can write to (check the path, the permissions and the free space).")
+    try:
+        return type(e)(msg)
+    except Exception:
+        return OSError(msg)
+
 def save_checkpoint(path, model: nn.Module, optimizer=None, **extra) -> Path:
     """Write model weights, optimizer state, config, RNG states and `extra` to `path`, atomically (defined in appendix C).
 
     The file is a dict: `format`, `model_state_dict`, `optimizer_state_dict` (None without an optimizer),
     `config` (`model.cfg`), `rng_state` (`capture_rng_state()`), `extra` (the keyword arguments, e.g. the
-    training position). Everything must be plain data so `torch.load(weights_only=True)` reads it. The bytes
-    go to a temporary file in the same folder, are flushed and fsynced, and only then renamed over `path`
-    with `os.replace`: a crash leaves either the old checkpoint or the new one, never half a file.
+    training position) and `digest` (`content_digest` of all the rest, checked when it is read). Everything
+    must be plain data so `torch.load(weights_only=True)` reads it. A missing folder is created. The bytes go
+    to a temporary file in the same folder, are flushed and fsynced, and only then renamed over `path` with
+    `os.replace`: a crash leaves either the old checkpoint or the new one, never half a file. A write that
+    cannot happen raises the same `OSError` subclass with a message naming `path` and the reason.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write the checkpoint {path}: that is a folder. Pass a file name, "
+                                f"e.g. {path / 'checkpoint.pth'}; nothing was written.")
     cfg = getattr(model, "cfg", None)
     ckpt = {
         "format": CHECKPOINT_FORMAT,
@@ -77,16 +164,28 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, **extra) -> Path:
         "extra": extra,
     }
     _check_plain(ckpt, "checkpoint")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    ckpt["digest"] = content_digest(ckpt)             # of everything above, in this order
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(f"cannot write the checkpoint {path}: {path.parent} is a file, not a folder. Choose "
+                                 "another path; nothing was written.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _write_error(e, path, f"its folder {path.parent} cannot be created") from e
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(e, path, f"no new file can be created in {path.parent}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())          # the bytes are on disk before the rename makes them visible
         os.replace(tmp, path)             # atomic on POSIX and Windows
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(e, path, "writing it failed") from e
         raise
     try:                                  # make the rename itself durable (POSIX only)
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -100,9 +199,10 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, **extra) -> Path:
 
 # %% ../nbs/appendix_c_checkpoints.ipynb #a5879569
 def read_weights_only(path, map_location="cpu"):
-    """`torch.load(path, weights_only=True)` with errors that say what is wrong with the file (defined in appendix C).
+    """`torch.load(path, weights_only=True)`, digest checked, with errors that say what is wrong with the file (defined in appendix C).
 
-    weights_only refuses pickled Python objects (which could run code), so only tensors and plain containers load."""
+    weights_only refuses pickled Python objects (which could run code), so only tensors and plain containers
+    load. A checkpoint that carries a digest is verified (`verify_digest`); one without is returned as is."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}; check the path (write one with save_checkpoint).")
@@ -114,7 +214,7 @@ def read_weights_only(path, map_location="cpu"):
                               "the zip archive torch.save writes (or it uses the legacy pre-1.6 format). Write it "
                               "again with save_checkpoint, or download it again.")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights only" in str(e).lower() or "weights_only" in str(e):
@@ -123,6 +223,9 @@ def read_weights_only(path, map_location="cpu"):
                                   "only if you trust whoever wrote it.") from e
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {type(e).__name__}: {msg}. "
                               "Write it again with save_checkpoint, or download it again.") from e
+    if isinstance(obj, Mapping):
+        verify_digest(obj, str(path))     # raises CheckpointError if the bytes changed since writing
+    return obj
 
 # %% ../nbs/appendix_c_checkpoints.ipynb #97e13fcf
 def check_state_dict(model: nn.Module, state_dict: Mapping, source: str = "the state dict",
@@ -162,18 +265,26 @@ def check_state_dict(model: nn.Module, state_dict: Mapping, source: str = "the s
     raise CheckpointError("\n".join(lines))
 
 # %% ../nbs/appendix_c_checkpoints.ipynb #ed7361fb
-def load_checkpoint(path, model: nn.Module, optimizer=None, *, map_location="cpu", restore_rng: bool = False) -> dict:
+def load_checkpoint(path, model: nn.Module, optimizer=None, *, map_location="cpu", restore_rng: bool = False,
+                    require_digest: bool = False) -> dict:
     """Load a `save_checkpoint` file into `model` (and `optimizer`); returns the whole checkpoint dict (defined in appendix C).
 
-    Reads with `torch.load(weights_only=True)`, checks every tensor's name and shape first
-    (`check_state_dict`), then copies. `restore_rng=True` also puts back the saved RNG states. Your own
-    keyword arguments to `save_checkpoint` come back as `ckpt["extra"]`.
+    Reads with `torch.load(weights_only=True)` and verifies the stored digest (`read_weights_only`), checks
+    every tensor's name and shape (`check_state_dict`), then copies. `ckpt["verified"]` is True when the
+    digest matched, False for a file written before digests (format v1), which loads unverified unless
+    `require_digest=True`. `restore_rng=True` also puts back the saved RNG states. Your own keyword arguments
+    to `save_checkpoint` come back as `ckpt["extra"]`.
     """
     ckpt = read_weights_only(path, map_location)
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
         raise CheckpointError(f"{path} loads, but is not a checkpoint from save_checkpoint (no 'model_state_dict'). If it "
                               "is a plain state_dict, such as the book's gpt2-small-124M.pth, use load_gpt2_pth or "
                               "model.load_state_dict.")
+    ckpt["verified"] = "digest" in ckpt and ckpt.get("format") == CHECKPOINT_FORMAT   # read_weights_only checked it
+    if require_digest and not ckpt["verified"]:
+        raise CheckpointError(f"{path} carries no digest (format {ckpt.get('format')!r}, written before digests), so "
+                              "its contents cannot be verified; load it with require_digest=False if you trust the "
+                              "copy, then save it again with save_checkpoint to add one.")
     check_state_dict(model, ckpt["model_state_dict"], source=str(path), saved_config=ckpt.get("config"))
     model.load_state_dict(ckpt["model_state_dict"], strict=False)       # strictness checked above
     if optimizer is not None:

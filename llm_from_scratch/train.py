@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import torch
@@ -176,8 +177,9 @@ def train_model(model: nn.Module, train_loader, val_loader, optimizer, device, n
     `shuffle_seed + epoch` (see `epoch_batches`) instead of the loader's own sampler; every
     `checkpoint_every` steps, and at the end, `save_checkpoint(checkpoint_path, ...)` stores model,
     optimizer, RNG states and the position (epoch, batch, step, tokens seen, history); `resume_from`
-    loads such a file and carries on from that position; `max_steps` stops after that many steps in total
-    (for a time budget, or to simulate an interruption). `verbose=False` prints no evaluation lines or
+    loads such a file and carries on from that position; `max_steps` stops after that many steps in total (for a
+    time budget) and, with `checkpoint_path`, writes a checkpoint at the stop, so that `resume_from` carries on
+    from exactly there. `verbose=False` prints no evaluation lines or
     samples; `progress=False` hides the progress bar. Returns a `TrainHistory`.
 
     Under `torchrun` (a `torch.distributed` process group of N > 1 processes, appendix E) the same call trains
@@ -190,6 +192,9 @@ def train_model(model: nn.Module, train_loader, val_loader, optimizer, device, n
     _check_loop_args(num_epochs, eval_freq, n_batches)
     if checkpoint_every is not None and (checkpoint_path is None or checkpoint_every < 1):
         raise ValueError("train_model: checkpoint_every needs checkpoint_path and must be >= 1.")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
+        raise ValueError(f"train_model: max_steps={max_steps!r} must be None or an int >= 0 (the total number of "
+                         "optimizer steps, counted from the start of the run, not from a resume).")
     world, rank = get_world_size(), get_rank()                # 1 and 0 without torchrun (appendix E)
     if isinstance(model, DistributedDataParallel):
         model = model.module                                  # train_model wraps it itself
@@ -215,8 +220,12 @@ def train_model(model: nn.Module, train_loader, val_loader, optimizer, device, n
         if world > 1 and len(state.get("rank_rng_states", [])) == world:
             restore_rng_state(state["rank_rng_states"][rank])   # each rank its own generator
     net = ddp_wrap(model, device) if world > 1 else model     # forward and backward go through net
+    same_file = (resume_from is not None and checkpoint_path is not None
+                 and os.path.abspath(resume_from) == os.path.abspath(checkpoint_path))
+    saved_step = global_step if same_file else None      # the step that checkpoint_path holds, if known
 
     def save(epoch: int, batch: int) -> None:
+        nonlocal saved_step
         train_state = {"epoch": epoch, "batch": batch, "global_step": global_step, "tokens_seen": tokens_seen,
                        "batches_per_epoch": n_batches, "shuffle": shuffle, "shuffle_seed": shuffle_seed,
                        "history": dataclasses.asdict(hist)}
@@ -226,6 +235,7 @@ def train_model(model: nn.Module, train_loader, val_loader, optimizer, device, n
             save_checkpoint(checkpoint_path, model, optimizer, train_state=train_state)
         if world > 1:
             dist.barrier()                                      # nobody runs ahead of the file
+        saved_step = global_step
 
     bar = tqdm(total=num_epochs * n_batches, initial=global_step + 1, unit="step", desc="training",
                disable=not progress or not is_main_process())
@@ -235,6 +245,8 @@ def train_model(model: nn.Module, train_loader, val_loader, optimizer, device, n
         batches = epoch_batches(num_items, batch_size, epoch, shuffle=shuffle, seed=shuffle_seed, drop_last=drop_last)
         for b in range(batch0 if epoch == epoch0 else 0, n_batches):
             if max_steps is not None and global_step + 1 >= max_steps:
+                if checkpoint_path is not None and saved_step != global_step:
+                    save(epoch, b)                     # stopped on purpose: keep every step taken so far
                 bar.close()
                 return hist
             ids = batches[b] if world == 1 else rank_share(batches[b], rank, world)   # this rank's examples

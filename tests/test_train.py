@@ -65,10 +65,31 @@ class _CharTok:
         return "".join(chr(32 + i % 90) for i in ids)
 
 
-def test_resume_from_a_checkpoint_mid_run_equals_an_uninterrupted_run(tmp_path):
+class _Crash(Exception):
+    pass
+
+
+def _crash_in_step(monkeypatch, n):
+    "Make the n-th (from 0) call of calc_loss_batch inside train_model raise, as if the process died there."
+    import llm_from_scratch.train as train_module
+    real, calls = train_module.calc_loss_batch, [0]
+
+    def crashing(*a, **k):
+        if calls[0] == n:
+            raise _Crash(f"simulated crash in step {n}")
+        calls[0] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(train_module, "calc_loss_batch", crashing)
+    return lambda: monkeypatch.setattr(train_module, "calc_loss_batch", real)
+
+
+def test_resume_from_a_checkpoint_mid_run_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     full = _run()
     ckpt = tmp_path / "run.pth"
-    _run(checkpoint_path=ckpt, checkpoint_every=4, max_steps=10)              # "crash" after step 9
+    undo = _crash_in_step(monkeypatch, 10)
+    with pytest.raises(_Crash):
+        _run(checkpoint_path=ckpt, checkpoint_every=4, num_epochs=3)          # dies inside step 10
+    undo()
     state = torch.load(ckpt, weights_only=True)["extra"]["train_state"]
     assert state["global_step"] == 7 and state["epoch"] == 1 and state["batch"] == 2   # mid-epoch checkpoint
     resumed = _run(seed=999, resume_from=ckpt)                                # different RNG state before resuming
@@ -222,3 +243,45 @@ def test_bad_loop_arguments_are_rejected(tmp_path):
         train_model(model, train, val, opt, "cpu", 1, eval_freq=0, eval_iter=1)
     with pytest.raises(ValueError, match="checkpoint_path"):
         train_model(model, train, val, opt, "cpu", 1, eval_freq=1, eval_iter=1, checkpoint_every=2)
+
+
+def test_max_steps_writes_a_checkpoint_at_the_stop_and_resume_continues_exactly(tmp_path):
+    full = _run()
+    ckpt = tmp_path / "run.pth"
+    part = _run(checkpoint_path=ckpt, checkpoint_every=4, max_steps=10)       # steps 0..9, last periodic save after 7
+    assert len(part.step_losses) == 10 and part.step_losses == full.step_losses[:10]
+    state = torch.load(ckpt, weights_only=True)["extra"]["train_state"]
+    assert state["global_step"] == 9 and (state["epoch"], state["batch"]) == (1, 4)   # nothing lost at the stop
+    assert state["history"]["step_losses"] == part.step_losses
+    resumed = _run(seed=999, resume_from=ckpt)
+    assert resumed.step_losses == full.step_losses and resumed.val_losses == full.val_losses
+    assert resumed.eval_steps == full.eval_steps and resumed.track_tokens_seen == full.track_tokens_seen
+
+
+def test_max_steps_at_an_epoch_boundary_and_in_two_hops(tmp_path):
+    full = _run()
+    ckpt = tmp_path / "run.pth"
+    _run(checkpoint_path=ckpt, max_steps=6)                                   # exactly one epoch, no checkpoint_every
+    state = torch.load(ckpt, weights_only=True)["extra"]["train_state"]
+    assert state["global_step"] == 5 and (state["epoch"], state["batch"]) == (1, 0)
+    mid = _run(seed=5, resume_from=ckpt, checkpoint_path=ckpt, max_steps=13)  # a second hop, same file
+    assert mid.step_losses == full.step_losses[:13]
+    assert torch.load(ckpt, weights_only=True)["extra"]["train_state"]["global_step"] == 12
+    resumed = _run(seed=999, resume_from=ckpt)
+    assert resumed.step_losses == full.step_losses and resumed.val_losses == full.val_losses
+
+
+def test_max_steps_when_the_last_save_was_that_step_writes_nothing_new(tmp_path, monkeypatch):
+    import llm_from_scratch.train as train_module
+    writes = []
+    real = train_module.save_checkpoint
+    monkeypatch.setattr(train_module, "save_checkpoint", lambda *a, **k: writes.append(1) or real(*a, **k))
+    _run(checkpoint_path=tmp_path / "run.pth", checkpoint_every=4, max_steps=8)   # saves after steps 3 and 7 only
+    assert len(writes) == 2
+    assert torch.load(tmp_path / "run.pth", weights_only=True)["extra"]["train_state"]["global_step"] == 7
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "10"])
+def test_bad_max_steps_is_rejected(bad):
+    with pytest.raises(ValueError, match="max_steps"):
+        _run(max_steps=bad)
