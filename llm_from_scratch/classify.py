@@ -3,10 +3,13 @@
 # %% ../nbs/23_classification.ipynb #0be14c9f
 from __future__ import annotations
 
+import csv
+import errno
 import operator
 import os
+import re
 import tempfile
-import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -18,70 +21,161 @@ from torch.utils.data import Dataset
 from .download import cache_dir, fetch
 
 # %% auto #0
-__all__ = ['SMS_LABELS', 'SPLIT_NAMES', 'load_sms_spam', 'create_balanced_dataset', 'random_split', 'write_spam_splits',
-           'sms_spam_splits', 'SpamDataset', 'to_classifier', 'calc_loss_batch_classifier',
-           'calc_loss_loader_classifier', 'calc_accuracy_loader', 'evaluate_model_classifier',
-           'train_classifier_simple', 'plot_values', 'classify_review']
+__all__ = ['SMS_LABELS', 'SMS_QUOTES', 'SPLIT_NAMES', 'SmsFormatError', 'MergedLinesWarning', 'load_sms_spam',
+           'create_balanced_dataset', 'random_split', 'write_spam_splits', 'sms_spam_splits', 'SpamDataset',
+           'to_classifier', 'calc_loss_batch_classifier', 'calc_loss_loader_classifier', 'calc_accuracy_loader',
+           'evaluate_model_classifier', 'train_classifier_simple', 'plot_values', 'classify_review']
 
 # %% ../nbs/23_classification.ipynb #42c25aa4
 SMS_LABELS = ("ham", "spam")                  # label text in the file; mapped to 0 and 1 for training
+SMS_QUOTES = ("book", "keep")                 # how load_sms_spam treats a message that starts with a double quote
 
-def _check_sms_lines(path: Path) -> None:
-    "Raise ValueError at the first line that is not `ham|spam<TAB>message` (blank lines are skipped, as pandas does)."
-    how = ("Each line must read 'ham<TAB>message' or 'spam<TAB>message': fix or delete that line, or get a fresh "
-           "copy with llm_from_scratch.download.fetch('SMSSpamCollection').")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            label, tab, text = line.partition("\t")
-            if not tab:
-                raise ValueError(f"{path}, line {n}: no tab between the label and the message ({line[:60]!r}). {how}")
-            if label not in SMS_LABELS:
-                raise ValueError(f"{path}, line {n}: unknown label {label[:20]!r}; expected one of {SMS_LABELS}. {how}")
-            if not text.strip():
-                raise ValueError(f"{path}, line {n}: the label {label!r} has no message after the tab. {how}")
+class SmsFormatError(ValueError):
+    "A file that does not read as `label<TAB>message` lines of the SMS Spam Collection (defined in part 23)."
 
-def load_sms_spam(path: str | os.PathLike | None = None) -> pd.DataFrame:
+class MergedLinesWarning(UserWarning):
+    "The book's way of reading the SMS file joined several lines into one row (defined in part 23)."
+
+_SMS_FIX = ("Each line must read 'ham<TAB>message' or 'spam<TAB>message': fix or delete that line, or get a fresh "
+            "copy with llm_from_scratch.download.fetch('SMSSpamCollection').")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")        # pandas ends a line at any of these
+
+def _is_blank(line: str) -> bool:
+    "A line pandas skips: only spaces (a tab makes it a row with empty fields)."
+    return not line.strip() and "\t" not in line
+
+def _read_sms_lines(path: Path) -> list[str]:
+    "The file's lines (UTF-8, a leading BOM dropped), each checked; raise SmsFormatError at the first bad one."
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise SmsFormatError(f"{path}, line {line}: byte {data[e.start]:#04x} is not UTF-8 ({e.reason}). The file "
+                             "must be UTF-8: re-save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 old > new`) or get a "
+                             "fresh copy with llm_from_scratch.download.fetch('SMSSpamCollection').") from None
+    lines = _LINE_BREAK.split(text.removeprefix("\ufeff"))
+    if lines and lines[-1] == "":
+        lines.pop()                                  # the newline that ends the last line
+    for n, line in enumerate(lines, start=1):
+        if _is_blank(line):
+            continue
+        label, tab, message = line.partition("\t")
+        if not tab:
+            raise SmsFormatError(f"{path}, line {n}: no tab between the label and the message ({line[:60]!r}). {_SMS_FIX}")
+        if label not in SMS_LABELS:
+            raise SmsFormatError(f"{path}, line {n}: unknown label {label[:20]!r}; expected one of {SMS_LABELS}. {_SMS_FIX}")
+        if not message.strip():
+            raise SmsFormatError(f"{path}, line {n}: the label {label!r} has no message after the tab. {_SMS_FIX}")
+        if "\t" in message:
+            raise SmsFormatError(f"{path}, line {n}: a second tab inside the message ({message[:60]!r}); a line holds "
+                                 "one label, one tab and one message: replace the tab in the message with a space.")
+    if not any(not _is_blank(line) for line in lines):
+        raise SmsFormatError(f"{path} holds no messages (it is empty or has only blank lines). Point load_sms_spam at "
+                             "the SMS Spam Collection, or call load_sms_spam() without a path for the registry's copy.")
+    return lines
+
+def _row_lines(df: pd.DataFrame, lines: list[str]) -> list[tuple[int, int]]:
+    "For each row pandas returned, the first and last file line (1-based) it was read from."
+    spans, n = [], 0
+    for label, text in zip(df["Label"], df["Text"]):
+        while n < len(lines) and _is_blank(lines[n]):
+            n += 1                                   # blank lines between rows produce no row
+        breaks = sum(len(_LINE_BREAK.findall(v)) for v in (label, text) if isinstance(v, str))
+        spans.append((n + 1, n + 1 + breaks))
+        n += 1 + breaks
+    return spans
+
+def _quote_error(path: Path, lines: list[str], e: Exception) -> SmsFormatError:
+    "pandas reached the end of the file inside a quoted message: name the line that opened the quote."
+    m = re.search(r"starting at row (\d+)", str(e))
+    where = ""
+    if m:
+        row = int(m.group(1))
+        before = pd.read_csv(Path(path), sep="\t", header=None, names=["Label", "Text"], nrows=row,
+                             dtype=str, keep_default_na=False) if row else pd.DataFrame({"Label": [], "Text": []})
+        last = _row_lines(before, lines)[-1][1] if row else 0
+        start = next((i for i in range(last, len(lines)) if not _is_blank(lines[i])), last) + 1
+        where = f", line {start}"
+    return SmsFormatError(f"{path}{where}: a message starts with a double quote that is never closed, so the book's "
+                          "way of reading (pandas' quoting) reads on to the end of the file. Remove or close that "
+                          "quote, or pass quotes='keep' to read quotes as ordinary text.")
+
+def load_sms_spam(path: str | os.PathLike | None = None, *, quotes: str = "book") -> pd.DataFrame:
     """The SMS Spam Collection as a DataFrame with columns `Label` ('ham'/'spam') and `Text` (defined in part 23).
 
-    Reads `path` (default: the verified copy from `fetch("SMSSpamCollection")`) exactly as the book does,
-    `pd.read_csv(path, sep="\\t", header=None, names=["Label", "Text"])`, after checking every line: a
-    malformed line or an unknown label raises `ValueError` naming the line.
+    Reads `path` (default: the verified copy from `fetch("SMSSpamCollection")`) after checking every line
+    (`SmsFormatError`, a `ValueError`, names the file, the line and the fix). `quotes="book"` parses as the book
+    does, `pd.read_csv(path, sep="\\t", header=None, names=["Label", "Text"])`: a message that starts with a
+    double quote is a quoted value, so its quotes are dropped and, if no quote closes it on its line, the next
+    lines are joined into it. Each such join is counted and reported with a `MergedLinesWarning` naming the
+    lines; `df.attrs["merged_lines"]` lists them as `(first_line, last_line)`. `quotes="keep"` reads quotes as
+    ordinary text: one line, one message. Messages such as "None" or "NA" stay text in both.
     """
+    if quotes not in SMS_QUOTES:
+        raise ValueError(f"load_sms_spam: quotes={quotes!r} must be one of {SMS_QUOTES}: 'book' parses quotes as the "
+                         "book does (it can join lines, reported), 'keep' reads one message per line.")
     path = Path(fetch("SMSSpamCollection") if path is None else path)
+    if path.is_dir():
+        raise IsADirectoryError(f"load_sms_spam: {path} is a folder; pass the SMS file itself (SMSSpamCollection), or "
+                                "call load_sms_spam() without a path for the registry's verified copy.")
     if not path.is_file():
-        raise FileNotFoundError(f"load_sms_spam: {path} does not exist; call load_sms_spam() without a path to "
-                                "use the registry's verified copy.")
-    _check_sms_lines(path)
+        raise FileNotFoundError(f"load_sms_spam: {path} does not exist; check the path, or call load_sms_spam() "
+                                "without a path to use the registry's verified copy.")
+    lines = _read_sms_lines(path)
+    kwargs = dict(sep="\t", header=None, names=["Label", "Text"], dtype=str, keep_default_na=False)
+    if quotes == "keep":
+        kwargs["quoting"] = csv.QUOTE_NONE
     try:
-        df = pd.read_csv(path, sep="\t", header=None, names=["Label", "Text"])
-    except pd.errors.ParserError as e:          # e.g. a second tab inside a message
-        raise ValueError(f"{path}: pandas cannot parse the file ({e}). A message may contain a tab: "
-                         "replace it with a space.") from e
-    ok_text = df["Text"].map(lambda t: isinstance(t, str) and bool(t.strip()))
-    bad = ~df["Label"].isin(SMS_LABELS) | ~ok_text
-    if bad.any():
-        row = int(bad.to_numpy().argmax())
-        raise ValueError(f"{path}: row {row} (0-based, after pandas' parsing) has label {df['Label'].iloc[row]!r} "
-                         f"and text {df['Text'].iloc[row]!r}; each row needs a label in {SMS_LABELS} and a message.")
+        df = pd.read_csv(path, **kwargs)
+    except pd.errors.ParserError as e:
+        if "EOF inside string" in str(e):
+            raise _quote_error(path, lines, e) from None
+        raise SmsFormatError(f"{path}: pandas cannot parse the file ({str(e).strip()}). {_SMS_FIX}") from None
+    spans = _row_lines(df, lines)
+    for row, (label, text) in enumerate(zip(df["Label"], df["Text"])):
+        if label not in SMS_LABELS or not isinstance(text, str) or not text.strip():
+            raise SmsFormatError(f"{path}, line {spans[row][0]}: after parsing, the row has label {label!r} and text "
+                                 f"{text!r}; each row needs a label in {SMS_LABELS} and a message. {_SMS_FIX}")
+    merged = [span for span in spans if span[1] > span[0]]
+    df.attrs["merged_lines"] = merged
+    if merged:
+        joined = "; ".join(f"lines {a}-{b}" for a, b in merged[:5]) + ("; ..." if len(merged) > 5 else "")
+        n_joined, n_lines = sum(b - a + 1 for a, b in merged), sum(not _is_blank(x) for x in lines)
+        warnings.warn(MergedLinesWarning(
+            f"{path}: read as the book reads it (pandas' quoting), {n_joined} lines became {len(merged)} "
+            f"row{'s' if len(merged) > 1 else ''} ({joined}), because a message there starts with a double quote "
+            f"that its own line does not close: {len(df):,} rows from {n_lines:,} non-blank lines. Pass "
+            "quotes='keep' to read one message per line; keep quotes='book' to reproduce the book's split."),
+            stacklevel=2)
     return df
 
 # %% ../nbs/23_classification.ipynb #a35f21b2
+def _check_frame(df, who: str, labels) -> None:
+    "A DataFrame with `Label` and `Text` columns and at least one row, labelled from `labels`."
+    if not isinstance(df, pd.DataFrame) or not {"Label", "Text"} <= set(df.columns):
+        got = f"columns {list(df.columns)}" if isinstance(df, pd.DataFrame) else type(df).__name__
+        raise ValueError(f"{who}: expected a DataFrame with columns 'Label' and 'Text' (e.g. from load_sms_spam()), "
+                         f"got {got}.")
+    if len(df) == 0:
+        raise ValueError(f"{who}: the DataFrame has no rows; load the messages first with load_sms_spam().")
+    unknown = sorted({repr(v) for v in df["Label"]} - {repr(v) for v in labels})
+    if unknown:
+        raise ValueError(f"{who}: labels {', '.join(unknown[:5])} are not among {tuple(labels)}. "
+                         + ("Balance before mapping ham/spam to 0/1." if set(labels) == set(SMS_LABELS) else
+                            "Map the labels with .map({'ham': 0, 'spam': 1}) first."))
+
 def create_balanced_dataset(df: pd.DataFrame) -> pd.DataFrame:
     """All spam rows plus as many ham rows drawn at random (seed 123), ham first, as in the book (defined in part 23).
 
     `df` has the columns of `load_sms_spam`. Labels stay 'ham'/'spam'; map them to 0/1 afterwards.
     """
-    if not isinstance(df, pd.DataFrame) or not {"Label", "Text"} <= set(df.columns):
-        raise ValueError("create_balanced_dataset: expected a DataFrame with columns 'Label' and 'Text', "
-                         "e.g. from load_sms_spam().")
+    _check_frame(df, "create_balanced_dataset", SMS_LABELS)
     spam = df[df["Label"] == "spam"]
     ham = df[df["Label"] == "ham"]
-    if len(ham) < len(spam):
+    if len(spam) == 0 or len(ham) < len(spam):
         raise ValueError(f"create_balanced_dataset: {len(ham)} ham rows cannot match {len(spam)} spam rows; "
-                         "this balances by drawing ham, so it needs at least as much ham as spam.")
+                         "this balances by drawing ham, so it needs at least one spam row and at least as much ham.")
     ham_subset = ham.sample(len(spam), random_state=123)
     return pd.concat([ham_subset, spam])
 
@@ -91,6 +185,10 @@ def random_split(df: pd.DataFrame, train_frac: float, validation_frac: float):
 
     The first `int(len * train_frac)` rows train, the next `int(len * validation_frac)` validate, the rest test.
     """
+    if not isinstance(df, pd.DataFrame) or len(df) == 0:
+        raise ValueError(f"random_split: expected a DataFrame with rows, got "
+                         f"{'an empty DataFrame' if isinstance(df, pd.DataFrame) else type(df).__name__}; "
+                         "pass the balanced messages, e.g. create_balanced_dataset(load_sms_spam()).")
     for name, frac in (("train_frac", train_frac), ("validation_frac", validation_frac)):
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
             raise ValueError(f"random_split: {name}={frac!r} must be a fraction between 0 and 1.")
@@ -105,59 +203,109 @@ def random_split(df: pd.DataFrame, train_frac: float, validation_frac: float):
 # %% ../nbs/23_classification.ipynb #1eb8ae40
 SPLIT_NAMES = ("train", "validation", "test")
 
-def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
-    "Write `df` as CSV to a temporary file next to `path`, then rename it over `path` in one step."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        df.to_csv(tmp, index=None)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _cannot_write(path: Path, e: OSError) -> OSError:
+    "The same kind of OSError, naming the file the caller asked for (not a temporary name) and the reason."
+    message = (f"write_spam_splits: cannot write {path}: {e.strerror or e}. No file is left half-written; pass "
+               "folder= a folder you can write to.")
+    return type(e)(e.errno, message) if e.errno is not None else type(e)(message)
 
 def write_spam_splits(train_df, validation_df, test_df, folder=None) -> dict[str, Path]:
     """Write the splits as the book's `train.csv`, `validation.csv`, `test.csv`, atomically (defined in part 23).
 
-    `folder` defaults to `sms_spam` in the course's cache. Returns the three paths by split name.
+    `folder` defaults to `sms_spam` in the course's cache. All three files are first written under temporary
+    names in `folder`, then renamed into place, so a failed write replaces none of them. Returns the three paths
+    by split name; a write that cannot happen raises an `OSError` naming the target and the reason.
     """
-    folder = Path(folder) if folder is not None else cache_dir() / "sms_spam"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
     for name, part in zip(SPLIT_NAMES, (train_df, validation_df, test_df)):
-        paths[name] = folder / f"{name}.csv"
-        _write_csv_atomic(part, paths[name])
+        if not isinstance(part, pd.DataFrame) or not {"Label", "Text"} <= set(part.columns):
+            raise ValueError(f"write_spam_splits: the {name} split must be a DataFrame with columns 'Label' and 'Text' "
+                             "(from random_split), got " + type(part).__name__ + ".")
+    folder = Path(folder) if folder is not None else cache_dir() / "sms_spam"
+    paths = {name: folder / f"{name}.csv" for name in SPLIT_NAMES}
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"write_spam_splits: cannot write {paths['train']}: {folder} is a file, "
+                                 "not a folder. Nothing was written; pass folder= a folder (it is created if missing).")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cannot_write(paths["train"], e) from None
+    temps, name = {}, SPLIT_NAMES[0]
+    try:
+        for name, part in zip(SPLIT_NAMES, (train_df, validation_df, test_df)):
+            if paths[name].is_dir():
+                raise IsADirectoryError(errno.EISDIR, "a folder has that name")
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.csv.", suffix=".tmp")
+            os.close(fd)
+            temps[name] = Path(tmp)
+            part.to_csv(tmp, index=None)
+        for name, tmp in temps.items():
+            os.replace(tmp, paths[name])
+    except OSError as e:
+        raise _cannot_write(paths[name], e) from None
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)               # already gone where the rename happened
     return paths
 
 def sms_spam_splits(folder=None, path=None) -> dict[str, Path]:
-    """The book's whole recipe: load, balance, map ham/spam to 0/1, split 70/10/20, write CSVs (defined in part 23)."""
+    """The book's whole recipe: load, balance, map ham/spam to 0/1, split 70/10/20, write CSVs (defined in part 23).
+
+    Reads the file as the book does (`quotes="book"`), so the real file's one joined row stays, with its warning.
+    """
     balanced = create_balanced_dataset(load_sms_spam(path))
     balanced["Label"] = balanced["Label"].map({"ham": 0, "spam": 1})
     return write_spam_splits(*random_split(balanced, 0.7, 0.1), folder=folder)
 
 # %% ../nbs/23_classification.ipynb #a43a6d97
+def _encode_text(tokenizer, text: str) -> list[int]:
+    "Token ids of a message, read as text: a message that contains '<|endoftext|>' is not a special token."
+    try:
+        return tokenizer.encode(text, disallowed_special=())
+    except TypeError:                                  # a tokenizer without tiktoken's keyword
+        return tokenizer.encode(text)
+
+def _read_split_csv(csv_file) -> pd.DataFrame:
+    "One split CSV (`Label,Text`), each failure named with the file and the fix."
+    fix = "write the splits with write_spam_splits() or sms_spam_splits()."
+    path = Path(csv_file)
+    if path.is_dir():
+        raise IsADirectoryError(f"SpamDataset: {path} is a folder; pass one of its CSV files, e.g. train.csv.")
+    if not path.is_file():
+        raise FileNotFoundError(f"SpamDataset: {path} does not exist; {fix}")
+    try:
+        return pd.read_csv(path, dtype={"Text": str}, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"SpamDataset: {path} is empty (not even the 'Label,Text' header); {fix}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"SpamDataset: {path} is not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8 "
+                         f"or {fix}") from None
+    except pd.errors.ParserError as e:
+        raise ValueError(f"SpamDataset: {path} is not a 'Label,Text' CSV ({str(e).strip()}); {fix}") from None
+
 class SpamDataset(Dataset):
     """Labelled messages from one of the book's CSV files, tokenized and padded to one length (defined in part 23).
 
     `max_length=None` pads to the longest message in the file; an int truncates longer messages to it. Padding
     uses `pad_token_id` (50256, `<|endoftext|>`). Pass `context_length` (the model's) to have lengths the model
     cannot take refused here rather than inside the model. Items are `(token_ids (max_length,), label ())`.
+    Messages are text: "None" stays a message and '<|endoftext|>' inside one is encoded as ordinary text.
     """
     def __init__(self, csv_file, tokenizer, max_length=None, pad_token_id=50256, *, context_length=None):
-        self.data = pd.read_csv(csv_file)
+        self.data = _read_split_csv(csv_file)
         if not {"Label", "Text"} <= set(self.data.columns):
             raise ValueError(f"SpamDataset: {csv_file} has columns {list(self.data.columns)}; expected 'Label' and "
                              "'Text' (the files write_spam_splits writes).")
         if len(self.data) == 0:
-            raise ValueError(f"SpamDataset: {csv_file} holds no messages.")
+            raise ValueError(f"SpamDataset: {csv_file} holds no messages (only a header); write the splits with "
+                             "write_spam_splits() or sms_spam_splits().")
         for i, (text, label) in enumerate(zip(self.data["Text"], self.data["Label"])):
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"SpamDataset: {csv_file}, data row {i + 1} has an empty or non-text message "
                                  f"({text!r}); remove that row or give it a message.")
-            if label not in (0, 1):
+            if isinstance(label, bool) or label not in (0, 1):
                 raise ValueError(f"SpamDataset: {csv_file}, data row {i + 1} has label {label!r}; labels must be 0 "
                                  "(ham) or 1 (spam). Map text labels with .map({'ham': 0, 'spam': 1}).")
-        self.encoded_texts = [tokenizer.encode(text) for text in self.data["Text"]]
+        self.encoded_texts = [_encode_text(tokenizer, text) for text in self.data["Text"]]
         longest = self._longest_encoded_length()
         if max_length is None:
             if context_length is not None and longest > context_length:
@@ -229,14 +377,36 @@ def _check_head(logits: torch.Tensor, num_classes: int, who: str) -> None:
                          f"head is not a {num_classes}-way classifier. Replace out_head first, e.g. "
                          f"to_classifier(model, num_classes={num_classes}).")
 
+def _check_targets(target_batch, batch_size: int, num_classes: int, who: str) -> None:
+    "Labels must be one class index per message: shape (B,), integers from 0 to num_classes - 1."
+    if not isinstance(target_batch, torch.Tensor) or target_batch.shape != (batch_size,) \
+            or target_batch.is_floating_point() or target_batch.dtype == torch.bool:
+        got = (f"{tuple(target_batch.shape)} {target_batch.dtype}" if isinstance(target_batch, torch.Tensor)
+               else type(target_batch).__name__)
+        raise ValueError(f"{who}: the labels must be an integer tensor of shape ({batch_size},), one class per message, "
+                         f"got {got}; yield (token_ids (B, T), labels (B,)) batches, as SpamDataset's DataLoader does.")
+    if batch_size and (target_batch.min() < 0 or target_batch.max() >= num_classes):
+        raise ValueError(f"{who}: labels run from {target_batch.min().item()} to {target_batch.max().item()}, but a "
+                         f"{num_classes}-way classifier needs 0 to {num_classes - 1} (ham 0, spam 1).")
+
+def _last_logits(model: nn.Module, input_batch: torch.Tensor, device, num_classes: int, who: str) -> torch.Tensor:
+    "The scores at the last position, `(B, num_classes)`, after checking that the model is a classifier."
+    out = model(input_batch.to(device))
+    if out.dim() != 3:
+        raise ValueError(f"{who}: the model returned shape {tuple(out.shape)}, not (batch, positions, classes); pass "
+                         "a GPTModel made into a classifier with to_classifier().")
+    logits = out[:, -1, :]                                          # (B, num_classes): the last position
+    _check_head(logits, num_classes, who)
+    return logits
+
 def calc_loss_batch_classifier(input_batch: torch.Tensor, target_batch: torch.Tensor, model: nn.Module, device,
                                *, num_classes: int = 2) -> torch.Tensor:
     """Cross-entropy of the classes read at the last position, for one batch (defined in part 23).
 
     The book's chapter-6 `calc_loss_batch`: `input_batch` is `(B, T)` token ids, `target_batch` `(B,)` labels.
     """
-    logits = model(input_batch.to(device))[:, -1, :]                # (B, num_classes): the last position
-    _check_head(logits, num_classes, "calc_loss_batch_classifier")
+    logits = _last_logits(model, input_batch, device, num_classes, "calc_loss_batch_classifier")   # (B, num_classes)
+    _check_targets(target_batch, logits.shape[0], num_classes, "calc_loss_batch_classifier")
     return F.cross_entropy(logits, target_batch.to(device))
 
 def _n_batches(data_loader, num_batches, who: str) -> int:
@@ -275,16 +445,18 @@ def calc_accuracy_loader(data_loader, model: nn.Module, device, num_batches=None
     was_training = model.training
     model.eval()
     correct, seen = 0, 0
-    with torch.no_grad():
-        for i, (input_batch, target_batch) in enumerate(data_loader):
-            if i >= n:
-                break
-            logits = model(input_batch.to(device))[:, -1, :]        # (B, num_classes)
-            _check_head(logits, num_classes, "calc_accuracy_loader")
-            predicted = torch.argmax(logits, dim=-1)                 # (B,)
-            seen += predicted.shape[0]
-            correct += (predicted == target_batch.to(device)).sum().item()
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            for i, (input_batch, target_batch) in enumerate(data_loader):
+                if i >= n:
+                    break
+                logits = _last_logits(model, input_batch, device, num_classes, "calc_accuracy_loader")  # (B, num_classes)
+                _check_targets(target_batch, logits.shape[0], num_classes, "calc_accuracy_loader")
+                predicted = torch.argmax(logits, dim=-1)                 # (B,)
+                seen += predicted.shape[0]
+                correct += (predicted == target_batch.to(device)).sum().item()
+    finally:
+        model.train(was_training)                                   # also when a batch is refused
     return correct / seen
 
 # %% ../nbs/23_classification.ipynb #e51d557b
@@ -356,12 +528,16 @@ def classify_review(text, model: nn.Module, tokenizer, device, max_length=None, 
 
     The message is tokenized, cut to `max_length` tokens (None: the model's context length) and, if
     `max_length` is given, padded to it with `pad_token_id` (use the training set's padded length, as the
-    book does). Class 1 is spam. Messages longer than the context are truncated, never an error.
+    book does). Class 1 is spam. Messages longer than the context are truncated, never an error. The model runs
+    in eval mode and is handed back in the train/eval mode it came in; '<|endoftext|>' in the text is text.
     """
     if not isinstance(text, str):
         raise TypeError(f"classify_review: the message must be a str, got {type(text).__name__}.")
     if not text.strip():
         raise ValueError("classify_review: the message is empty; there is nothing to classify.")
+    if not isinstance(getattr(model, "pos_emb", None), nn.Embedding):
+        raise TypeError(f"classify_review: expected a GPTModel made into a classifier with to_classifier(), got "
+                        f"{type(model).__name__} (it has no pos_emb to read the context length from).")
     context_length = model.pos_emb.weight.shape[0]         # rows = positions; shape[1] is the embedding width
     if max_length is not None:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
@@ -369,12 +545,15 @@ def classify_review(text, model: nn.Module, tokenizer, device, max_length=None, 
         if max_length > context_length:
             raise ValueError(f"classify_review: max_length={max_length} is larger than the model's context of "
                              f"{context_length} tokens; use max_length <= {context_length} (or None).")
-    model.eval()
-    input_ids = tokenizer.encode(text)[: max_length or context_length]
+    input_ids = _encode_text(tokenizer, text)[: max_length or context_length]
     if max_length is not None:
         input_ids += [pad_token_id] * (max_length - len(input_ids))
     input_tensor = torch.tensor(input_ids, device=device).unsqueeze(0)     # (1, T)
-    with torch.no_grad():
-        logits = model(input_tensor)[:, -1, :]                             # (1, 2): the last position
-    _check_head(logits, 2, "classify_review")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = _last_logits(model, input_tensor, device, 2, "classify_review")   # (1, 2): the last position
+    finally:
+        model.train(was_training)                                          # the caller's mode, as it was
     return "spam" if torch.argmax(logits, dim=-1).item() == 1 else "not spam"

@@ -9,10 +9,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import SHARED_DATA
-from llm_from_scratch.classify import (SpamDataset, calc_accuracy_loader, calc_loss_batch_classifier,
-                                       calc_loss_loader_classifier, classify_review, create_balanced_dataset,
-                                       load_sms_spam, random_split, sms_spam_splits, to_classifier,
-                                       train_classifier_simple, write_spam_splits)
+from llm_from_scratch.classify import (MergedLinesWarning, SpamDataset, calc_accuracy_loader,
+                                       calc_loss_batch_classifier, calc_loss_loader_classifier, classify_review,
+                                       create_balanced_dataset, load_sms_spam, random_split, sms_spam_splits,
+                                       to_classifier, train_classifier_simple, write_spam_splits)
 from llm_from_scratch.download import fetch
 from llm_from_scratch.model import GPTModel
 from llm_from_scratch.tokenizer import gpt2_tokenizer
@@ -34,7 +34,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory):
-    return sms_spam_splits(folder=tmp_path_factory.mktemp("sms"))
+    with pytest.warns(MergedLinesWarning, match="lines 5082-5084"):
+        return sms_spam_splits(folder=tmp_path_factory.mktemp("sms"))
 
 
 def tiny(context_length=32, emb_dim=16, n_layers=2, seed=0):
@@ -52,13 +53,34 @@ def write_lines(tmp_path, lines, name="sms.tsv"):
 # --- the data, exactly as the book prepares it ---
 
 def test_the_file_reads_as_in_the_book():
-    df = load_sms_spam()
+    with pytest.warns(MergedLinesWarning, match=r"3 lines became 1 row \(lines 5082-5084\).*5,572 rows from 5,574"):
+        df = load_sms_spam()
     assert len(df) == 5572
     assert df["Label"].value_counts().to_dict() == {"ham": 4825, "spam": 747}
+    assert df.attrs["merged_lines"] == [(5082, 5084)]
+
+
+def test_the_merge_is_exactly_three_ham_lines():
+    "Re-parse the file ourselves: quotes='keep' gives one row per line, and only lines 5082-5084 differ."
+    lines = open(fetch("SMSSpamCollection"), encoding="utf-8").read().split("\n")
+    lines = [line for line in lines if line]
+    keep = load_sms_spam(quotes="keep")
+    assert len(keep) == len(lines) == 5574
+    assert keep["Label"].value_counts().to_dict() == {"ham": 4827, "spam": 747}
+    assert [f"{a}\t{b}" for a, b in zip(keep["Label"], keep["Text"])] == lines
+    with pytest.warns(MergedLinesWarning):
+        book = load_sms_spam()
+    row = 5081                                                     # 0-based row of file line 5082
+    assert book["Text"][row] == "\n".join([lines[5081].split("\t", 1)[1][1:], lines[5082],
+                                           lines[5083].replace('\t"', "\t", 1)])
+    assert book["Text"].drop(index=row).str.contains("\n").sum() == 0
+    assert book["Label"][:row].tolist() == keep["Label"][:row].tolist()
+    assert book["Label"][row + 1:].tolist() == keep["Label"][row + 3:].tolist()
 
 
 def test_balanced_and_split_like_the_book(splits):
-    balanced = create_balanced_dataset(load_sms_spam())
+    with pytest.warns(MergedLinesWarning):
+        balanced = create_balanced_dataset(load_sms_spam())
     assert balanced["Label"].value_counts().to_dict() == {"ham": 747, "spam": 747}
     # the book's own steps, written out with pandas: the same rows in the same order
     df = pd.read_csv(fetch("SMSSpamCollection"), sep="\t", header=None, names=["Label", "Text"])
@@ -229,3 +251,35 @@ def test_classify_review_truncates_to_the_context_not_the_width(tokenizer):
     first8 = tokenizer.decode(ids[:8])
     for tail in (" zzz yyy", " Win cash now call 0800"):
         assert classify_review(first8 + tail, model, tokenizer, "cpu") == classify_review(first8, model, tokenizer, "cpu")
+
+
+def test_classify_review_hands_back_the_callers_mode(tokenizer):
+    model = to_classifier(tiny())
+    for training in (True, False):
+        model.train(training)
+        assert classify_review("Win a prize now", model, tokenizer, "cpu") in ("spam", "not spam")
+        assert model.training is training
+        assert all(m.training is training for m in model.modules())
+    model.train()
+    with pytest.raises(ValueError, match="not a 2-way"):
+        classify_review("hello", to_classifier(tiny(), num_classes=3).train(), tokenizer, "cpu")
+    lm = tiny().train()
+    with pytest.raises(ValueError):
+        classify_review("hello", lm, tokenizer, "cpu")
+    assert lm.training                                           # restored after a refusal too
+
+
+def test_calc_accuracy_loader_hands_back_the_mode_after_a_refusal():
+    model = to_classifier(tiny()).train()
+    x = torch.randint(0, 50257, (2, 8))
+    with pytest.raises(ValueError, match="labels must be an integer tensor of shape \\(2,\\)"):
+        calc_accuracy_loader([(x, torch.tensor([[0], [1]]))], model, "cpu")
+    assert model.training
+
+
+def test_quoted_messages_lose_their_quotes_only_in_the_book_reading(tmp_path):
+    p = write_lines(tmp_path, ['ham\t"Hi" she said', "spam\tWIN"])
+    assert load_sms_spam(p)["Text"][0] == "Hi she said"
+    assert load_sms_spam(p, quotes="keep")["Text"][0] == '"Hi" she said'
+    with pytest.raises(ValueError, match="quotes='x' must be one of"):
+        load_sms_spam(p, quotes="x")
