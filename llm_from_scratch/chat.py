@@ -6,28 +6,31 @@ from __future__ import annotations
 import argparse
 import codecs
 import dataclasses
+import json
 import numbers
 import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError
+from .base_model import load_base_model
+from .checkpoint import CheckpointError, read_weights_only
 from .core import get_device, set_seed
 from .generate import PromptCroppedWarning, next_token_probs
-from .gpt2 import load_base_model, load_gpt2_from_dir, load_gpt2_pth
-from .model import gpt2_size_name
+from .gpt2 import load_gpt2_from_dir, load_gpt2_pth
+from .model import GPT2_SIZES, gpt2_size_name, validate_config
 from .tokenizer import gpt2_tokenizer
 
 # %% auto #0
-__all__ = ['DEFAULT_PREAMBLE', 'USER', 'BOT', 'DEFAULT_STOP', 'SPEAKER_LINE', 'MODEL_SPEC_HELP', 'Turn', 'build_transcript',
-           'StopStringFilter', 'ReplyEnd', 'check_sampling', 'stream_reply', 'generate_reply', 'MessageTooLongError',
-           'check_message', 'fit_history', 'ChatSession', 'score_reply', 'ChatModelError', 'load_chat_model',
-           'chat_arg_parser', 'main']
+__all__ = ['DEFAULT_PREAMBLE', 'USER', 'BOT', 'DEFAULT_STOP', 'MODEL_SPEC_HELP', 'CONFIG_HELP', 'Turn', 'build_transcript',
+           'encode_text', 'StopStringFilter', 'ReplyEnd', 'check_sampling', 'model_context_length',
+           'check_context_size', 'stream_reply', 'generate_reply', 'MessageTooLongError', 'check_message',
+           'fit_history', 'ChatSession', 'speaker_labels', 'score_reply', 'ChatModelError', 'read_chat_config',
+           'load_chat_model', 'chat_arg_parser', 'main']
 
 # %% ../nbs/24_transcript_hack.ipynb #da22ebd1
 DEFAULT_PREAMBLE = ("This is a conversation between a user and a helpful, knowledgeable bot. "
@@ -58,6 +61,16 @@ def build_transcript(history: Sequence[Turn], preamble: str = DEFAULT_PREAMBLE) 
     lines = [f"{USER if t.role == 'user' else BOT}: {t.text}\n" for t in history]
     return preamble + "".join(lines) + f"{BOT}:"
 
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` read as plain text: a special token's spelling (`"<|endoftext|>"`) becomes ordinary tokens,
+    never the special token itself (defined in part 24).
+
+    Everything the chat encodes goes through here: the preamble, the user's messages and the replies are text, so
+    a user who types `<|endoftext|>` gets those characters, not the token that ends a document.
+    """
+    return tokenizer.encode(text, disallowed_special=())
+
+
 # %% ../nbs/24_transcript_hack.ipynb #fa2f5e06
 class StopStringFilter:
     """Pass streamed text through, stopping before the first stop string, even one split across pieces (defined in part 24).
@@ -70,6 +83,8 @@ class StopStringFilter:
     def __init__(self, stop: Sequence[str] = DEFAULT_STOP):
         if isinstance(stop, str):
             stop = (stop,)
+        if not isinstance(stop, (tuple, list)):
+            raise TypeError(f"stop must be a string or a list/tuple of strings (() for none), got {type(stop).__name__}.")
         stop = tuple(stop)
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop strings must be non-empty strings, got {stop!r}.")
@@ -120,6 +135,34 @@ def check_sampling(max_new_tokens, temperature, top_k) -> tuple[int, float, int 
         raise ValueError(f"top_k must be an integer >= 1, or None to keep every token; got {top_k!r}.")
     return int(max_new_tokens), float(temperature), (None if top_k is None else int(top_k))
 
+def model_context_length(model: nn.Module) -> int:
+    """The model's context window, `model.cfg["context_length"]`, or a clear error if it has none (defined in part 24)."""
+    cfg = getattr(model, "cfg", None)
+    length = cfg.get("context_length") if isinstance(cfg, Mapping) else None
+    if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < 1:
+        raise ValueError(f"the chat needs a model with a config dict `cfg` holding its context window, like part 19's "
+                         f"GPTModel (cfg['context_length']); this {type(model).__name__} has cfg={cfg!r:.80}. Load the "
+                         "model with load_chat_model, or set model.cfg = the config it was built with.")
+    return int(length)
+
+def check_context_size(model: nn.Module, context_size) -> int:
+    """The number of tokens the model may read: `context_size`, or the whole window if None (defined in part 24).
+
+    More than the model's window cannot work (it has no position embeddings past it), so that is refused with
+    the largest value that does work.
+    """
+    window = model_context_length(model)
+    if context_size is None:
+        return window
+    if isinstance(context_size, bool) or not isinstance(context_size, numbers.Integral) or context_size < 1:
+        raise ValueError(f"context_size must be a positive integer (or None for the model's whole window of {window} "
+                         f"tokens), got {context_size!r}.")
+    if context_size > window:
+        raise ValueError(f"context_size={context_size} is more than this model can read: its context window is {window} "
+                         f"tokens (model.cfg['context_length']). Pass context_size={window} or less, or leave it out "
+                         "(None) to use the whole window.")
+    return int(context_size)
+
 def stream_reply(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 40, temperature: float = 0.0,
                  top_k: int | None = None, stop: Sequence[str] = DEFAULT_STOP, eos_id: int | None = 50256,
                  context_size: int | None = None, generator: torch.Generator | None = None) -> Iterator[str]:
@@ -131,15 +174,16 @@ def stream_reply(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: in
     (shown only if more text follows). The pieces join to the reply; the generator's return value (the
     `value` of its `StopIteration`, or of `yield from`) is a `ReplyEnd` with that text and why it ended.
     Decoding as in part 21: greedy for `temperature=0`, else sampling from `next_token_probs`, with
-    `generator` for repeatable draws. A prompt longer than the context window is cropped to its end
-    with a `PromptCroppedWarning`; `ChatSession` makes sure that never happens.
+    `generator` for repeatable draws. The prompt is encoded as plain text (`encode_text`). The model reads at
+    most `context_size` tokens (default: its whole window; more is refused); a longer prompt is cropped to its
+    end with a `PromptCroppedWarning`; `ChatSession` makes sure that never happens.
     """
     max_new_tokens, temperature, top_k = check_sampling(max_new_tokens, temperature, top_k)
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"stream_reply: prompt must be a non-empty str, got {prompt!r:.40}.")
-    context_size = context_size or model.cfg["context_length"]
+    context_size = check_context_size(model, context_size)
     device = next(model.parameters()).device
-    idx = torch.tensor([tokenizer.encode(prompt, allowed_special="all")], device=device)   # (1, T)
+    idx = torch.tensor([encode_text(tokenizer, prompt)], device=device)   # (1, T): the prompt is text, never special tokens
     if idx.shape[1] > context_size:
         warnings.warn(f"stream_reply: the prompt has {idx.shape[1]} tokens but the context window is {context_size}; "
                       "the model only reads its end.", PromptCroppedWarning, stacklevel=2)
@@ -158,25 +202,27 @@ def stream_reply(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: in
         text += body
         return body
 
-    with torch.no_grad():
-        for n in range(1, max_new_tokens + 1):
+    for n in range(1, max_new_tokens + 1):
+        # no_grad only around the model call: a `with` block left open at a `yield` would switch autograd
+        # off in the reader's code too, for as long as the stream is paused.
+        with torch.no_grad():
             logits = model(idx[:, -context_size:])[:, -1, :]                        # (1, V)
-            if temperature == 0.0:
-                next_id = logits.argmax(dim=-1, keepdim=True)                       # (1, 1)
-            else:
-                probs = next_token_probs(logits, temperature, top_k)                # (1, V)
-                next_id = torch.multinomial(probs, 1, generator=generator)          # (1, 1)
-            token = int(next_id)
-            if eos_id is not None and token == eos_id:
-                reason = "eos"
-                break
-            idx = torch.cat([idx, next_id], dim=1)                                  # (1, T + 1)
-            piece = release(stops.feed(utf8.decode(tokenizer.decode_single_token_bytes(token))))
-            if piece:
-                yield piece
-            if stops.stopped:
-                reason = "stop"
-                break
+        if temperature == 0.0:
+            next_id = logits.argmax(dim=-1, keepdim=True)                           # (1, 1)
+        else:
+            probs = next_token_probs(logits, temperature, top_k)                    # (1, V)
+            next_id = torch.multinomial(probs, 1, generator=generator)              # (1, 1)
+        token = int(next_id)
+        if eos_id is not None and token == eos_id:
+            reason = "eos"
+            break
+        idx = torch.cat([idx, next_id], dim=1)                                      # (1, T + 1)
+        piece = release(stops.feed(utf8.decode(tokenizer.decode_single_token_bytes(token))))
+        if piece:
+            yield piece
+        if stops.stopped:
+            reason = "stop"
+            break
     if not stops.stopped:                          # the end of the text: what was held back is the reply's end
         piece = release(stops.feed(utf8.decode(b"", final=True)) + stops.flush())
         if piece:
@@ -216,7 +262,7 @@ def fit_history(history: Sequence[Turn], tokenizer, budget: int, preamble: str =
     history = list(history)
     if not history:
         raise ValueError("fit_history needs at least one turn (the user's new message).")
-    n_tokens = lambda turns: len(tokenizer.encode(build_transcript(turns, preamble), allowed_special="all"))
+    n_tokens = lambda turns: len(encode_text(tokenizer, build_transcript(turns, preamble)))
     start = 0
     while n_tokens(history[start:]) > budget:
         if start == len(history) - 1:              # only the newest message is left, and it does not fit
@@ -238,10 +284,11 @@ class ChatSession:
     streams each reply and records it (defined in part 24).
 
     `send(message)` checks the message, builds the transcript (dropping the oldest turns if needed: the
-    preamble always stays), and returns a generator of reply pieces; when it is used up (or closed early),
-    the message and the reply as shown are added to `history`, and `last` holds the `ReplyEnd`. Room for
-    `max_new_tokens` is kept free, so the model reads the preamble while it writes. `seed` makes sampled
-    replies repeatable.
+    preamble always stays), adds the message to `history` with an empty bot turn, and returns a generator of
+    reply pieces; the bot turn grows as pieces are yielded, so `history` holds what was shown even if the
+    stream is stopped early or never read. When the stream ends, `last` holds the `ReplyEnd`. Sending the
+    next message closes a stream that was not read to the end. Room for `max_new_tokens` is kept free, so the
+    model reads the preamble while it writes. `seed` makes sampled replies repeatable.
     """
     def __init__(self, model: nn.Module, tokenizer, *, preamble: str = DEFAULT_PREAMBLE, max_new_tokens: int = 40,
                  temperature: float = 0.0, top_k: int | None = None, stop: Sequence[str] = DEFAULT_STOP,
@@ -250,8 +297,8 @@ class ChatSession:
         if not isinstance(preamble, str):
             raise TypeError(f"preamble must be a str, got {type(preamble).__name__}.")
         self.model, self.tokenizer, self.preamble = model, tokenizer, preamble
-        self.stop, self.eos_id = tuple([stop] if isinstance(stop, str) else stop), eos_id
-        self.context_size = model.cfg["context_length"]
+        self.stop, self.eos_id = StopStringFilter(stop).stop, eos_id          # checked here, not at the first reply
+        self.context_size = model_context_length(model)
         self.budget = self.context_size - self.max_new_tokens       # tokens the transcript may use
         if self.budget < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} leaves no room for the transcript in a context "
@@ -261,34 +308,40 @@ class ChatSession:
             self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(seed))
         self.history: list[Turn] = []
         self.last: ReplyEnd | None = None
-        self.dropped_turns = 0                     # turns left out of the latest prompt to fit the window
+        self.dropped_turns = 0                     # turns left out of the latest prompt sent, to fit the window
+        self._open = None                          # the stream of the latest reply, until it ends
+
+    def _fit(self, message: str) -> tuple[list[Turn], int]:
+        return fit_history(self.history + [Turn("user", check_message(message).strip())], self.tokenizer,
+                           self.budget, self.preamble)
 
     def prompt_for(self, message: str) -> str:
-        "The transcript the model would read for `message` now, with the history cropped to fit."
-        kept, self.dropped_turns = fit_history(self.history + [Turn("user", check_message(message).strip())],
-                                               self.tokenizer, self.budget, self.preamble)
-        return build_transcript(kept, self.preamble)
+        "The transcript the model would read for `message` now, with the history cropped to fit; changes nothing."
+        return build_transcript(self._fit(message)[0], self.preamble)
 
     def send(self, message: str) -> Iterator[str]:
-        prompt = self.prompt_for(message)          # checks happen now, not at the first next()
-        return self._stream(message.strip(), prompt)
+        kept, dropped = self._fit(message)         # checks happen now, not at the first next()
+        if self._open is not None:                 # the previous reply was not read to the end: it stays as shown
+            self._open.close()
+        self.dropped_turns, self.last = dropped, None
+        self.history += [Turn("user", message.strip()), Turn("bot", "")]
+        self._open = self._stream(build_transcript(kept, self.preamble), self.history, len(self.history) - 1)
+        return self._open
 
-    def _stream(self, message: str, prompt: str) -> Iterator[str]:
-        shown = []
+    def _stream(self, prompt: str, history: list[Turn], at: int) -> Iterator[str]:
         stream = stream_reply(self.model, self.tokenizer, prompt, max_new_tokens=self.max_new_tokens,
                               temperature=self.temperature, top_k=self.top_k, stop=self.stop, eos_id=self.eos_id,
                               context_size=self.context_size, generator=self.generator)
-        try:
-            while True:
-                try:
-                    piece = next(stream)
-                except StopIteration as end:       # the generator's return value: a ReplyEnd
-                    self.last = end.value
-                    return
-                shown.append(piece)
-                yield piece
-        finally:                                   # also when the reader stops early (Ctrl-C, break)
-            self.history += [Turn("user", message), Turn("bot", "".join(shown))]
+        shown = ""
+        while True:
+            try:
+                piece = next(stream)
+            except StopIteration as end:           # the generator's return value: a ReplyEnd
+                self.last, self._open = end.value, None
+                return
+            shown += piece
+            history[at] = Turn("bot", shown)       # recorded before the reader sees it: history = what was shown
+            yield piece
 
     def ask(self, message: str) -> str:
         "Send `message` and return the whole reply (no streaming)."
@@ -296,10 +349,34 @@ class ChatSession:
 
     def reset(self) -> None:
         "Forget the conversation."
-        self.history, self.last, self.dropped_turns = [], None, 0
+        if self._open is not None:
+            self._open.close()
+        self.history, self.last, self.dropped_turns, self._open = [], None, 0, None
+
 
 # %% ../nbs/24_transcript_hack.ipynb #14ea0ea1
-SPEAKER_LINE = re.compile(r"(?:^|\n)[ \t]*([A-Z][A-Za-z'-]*(?: [A-Z][A-Za-z'-]*){0,3}):")  # "Bot:", "ROMEO:", "First Citizen:"
+_LABEL_LINE = re.compile(r"[ \t]*([A-Z][A-Za-z'-]*(?:[ \t]+[A-Z][A-Za-z'-]*){0,3})[ \t]*:(.*)")   # "Name:" + the rest
+
+def speaker_labels(text: str) -> list[str]:
+    """The speaker labels that open lines of `text`, in order (defined in part 24).
+
+    A line counts as a change of speaker when it starts with `User:` or `Bot:` (whatever follows), with a
+    name of one to four capitalised words alone on its line (`"ROMEO:"`, `"First Citizen:"`: the play format),
+    or with a name in capitals followed by speech (`"ROMEO: But soft"`). A capitalised word followed by
+    text on the same line (`"Synonym: radiant."`) is not counted: in a reply it is far more often part of the
+    answer than a speaker, and by shape the two cannot be told apart.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}.")
+    labels = []
+    for line in text.splitlines():
+        m = _LABEL_LINE.fullmatch(line)
+        if m is None:
+            continue
+        name, rest = m.group(1), m.group(2).strip()
+        if name in (USER, BOT) or not rest or name.isupper():
+            labels.append(name)
+    return labels
 
 def score_reply(reply: str, stop_reason: str) -> dict:
     """Score one reply to a transcript prompt by four rules; `"in role"` is True when all four hold (defined in part 24).
@@ -308,7 +385,7 @@ def score_reply(reply: str, stop_reason: str) -> dict:
     * `stops`: the model ended its turn itself (a stop string or `<|endoftext|>`), not by running out of tokens.
     * `no user line`: the reply does not speak for the user (`User:` anywhere in it; the stop string
       catches it only at the start of a line).
-    * `one speaker`: no line of the reply opens with another speaker's label (`Bot:` again, `ROMEO:`, ...).
+    * `one speaker`: no line of the reply is a speaker label (`speaker_labels`: `Bot:` again, `ROMEO:`, ...).
     """
     if not isinstance(reply, str):
         raise TypeError(f"reply must be a str, got {type(reply).__name__}.")
@@ -317,9 +394,10 @@ def score_reply(reply: str, stop_reason: str) -> dict:
     rules = {"non-empty": bool(reply.strip()),
              "stops": stop_reason in ("stop", "eos"),
              "no user line": re.search(r"\buser\s*:", reply, re.IGNORECASE) is None,
-             "one speaker": SPEAKER_LINE.search(reply) is None}
+             "one speaker": not speaker_labels(reply)}
     rules["in role"] = all(rules.values())
     return rules
+
 
 # %% ../nbs/24_transcript_hack.ipynb #ed572051
 class ChatModelError(ValueError):
@@ -328,30 +406,83 @@ class ChatModelError(ValueError):
 MODEL_SPEC_HELP = ("a GPT-2 size (124M, 355M, 774M, 1558M: OpenAI's weights if they can be had, else the course's "
                    "base model), 'course' (the course's base model), a checkpoint file (.pth from save_checkpoint, or "
                    "a book-style state_dict) or a Hugging Face folder (config.json + model.safetensors)")
+CONFIG_HELP = ("a JSON object with the keys vocab_size, context_length, emb_dim, n_heads, n_layers, drop_rate and "
+               "qkv_bias, the config the model was built with (GPT_CONFIG_124M of part 19 has that shape)")
 
-def load_chat_model(spec: str = "124M", device=None) -> tuple[nn.Module, str]:
+def read_chat_config(config) -> dict:
+    """A model config from a dict, or from a JSON file holding one; every problem is a `ChatModelError` (defined in part 24)."""
+    if isinstance(config, Mapping):
+        source, data = "cfg", config
+    else:
+        path = Path(config).expanduser()
+        source = str(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ChatModelError(f"no config file at {path}; pass the path of a JSON file holding {CONFIG_HELP}.") from None
+        except UnicodeDecodeError as e:
+            raise ChatModelError(f"the config file {path} cannot be read as UTF-8 text (byte {e.object[e.start]:#04x} at "
+                                 f"position {e.start}); pass a UTF-8 JSON file holding {CONFIG_HELP}.") from None
+        except OSError as e:
+            raise ChatModelError(f"the config file {path} cannot be read ({e.strerror or e}); pass a readable JSON "
+                                 f"file holding {CONFIG_HELP}.") from None
+        except json.JSONDecodeError as e:
+            raise ChatModelError(f"the config file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                                 f"write {CONFIG_HELP}.") from None
+    try:
+        return validate_config(data)
+    except (TypeError, ValueError) as e:
+        raise ChatModelError(f"{source} is not a usable model config: {e} It must be {CONFIG_HELP}.") from None
+
+def _needs_config(path: Path) -> bool:
+    "Whether `path` is a plain state_dict whose config cannot be read off its tensors (so --config would help)."
+    try:
+        state = read_weights_only(path)
+    except Exception:
+        return False
+    return (isinstance(state, dict) and "model_state_dict" not in state and "tok_emb.weight" in state
+            and getattr(state["tok_emb.weight"], "ndim", 0) == 2
+            and state["tok_emb.weight"].shape[1] not in {s["emb_dim"] for s in GPT2_SIZES.values()})
+
+def load_chat_model(spec: str = "124M", device=None, *, cfg=None) -> tuple[nn.Module, str]:
     """Load a model to chat with; returns (model in eval mode, the name to show) (defined in part 24).
 
     `spec` is a GPT-2 size ("124M", "355M", "774M", "1558M": `load_base_model`, so OpenAI's weights where they
     can be had, else the course's base model, and the name says which), `"course"`, a checkpoint file (from
     `save_checkpoint`, or a plain state_dict like the book's `.pth` files: `load_gpt2_pth`) or a Hugging Face
-    folder (`load_gpt2_from_dir`). Anything else raises `ChatModelError` saying what is accepted.
+    folder (`load_gpt2_from_dir`). `cfg` (a config dict, or the path of a JSON file holding one: the CLI's
+    `--config`) is for a plain state_dict whose size is not one of GPT-2's, so its head count cannot be read
+    off the tensors. Anything that cannot be loaded raises `ChatModelError` saying what is accepted.
     """
     if not isinstance(spec, (str, Path)) or not str(spec).strip():
         raise ChatModelError(f"no model given ({spec!r}); pass {MODEL_SPEC_HELP}.")
     device = get_device(device)
     text = str(spec).strip()
-    if text.lower() == "course":
+    path = Path(text).expanduser()
+    if cfg is not None and not path.is_file():
+        raise ChatModelError(f"a config (--config, cfg=) is only used with a state_dict file; {text!r} is not a file, and "
+                             "a model size, 'course' or a Hugging Face folder carries its own config: leave it out.")
+    config = read_chat_config(cfg) if cfg is not None else None
+    if text.lower() == "course" and not path.exists():
         base = load_base_model("course", device=device, verbose=False)
         return base.model, base.name
-    path = Path(text).expanduser()
     if path.is_dir():
-        model = load_gpt2_from_dir(path, device=device)
+        try:
+            model = load_gpt2_from_dir(path, device=device)
+        except (CheckpointError, OSError, ValueError, KeyError, TypeError) as e:
+            raise ChatModelError(f"{path} cannot be used as a chat model: {e} A model folder holds config.json and "
+                                 "model.safetensors, as save_gpt2_to_dir (appendix D) or Hugging Face's save_pretrained "
+                                 "write them.") from e
     elif path.is_file():
         try:
-            model = load_gpt2_pth(path, device=device)
-        except CheckpointError as e:
-            raise ChatModelError(f"{path} cannot be used as a chat model: {e}") from e
+            model = load_gpt2_pth(path, config, device=device)
+        except (CheckpointError, OSError, ValueError, KeyError, TypeError) as e:
+            hint = ""
+            if config is None and _needs_config(path):
+                hint = (" From the command line, give that config as a JSON file: --config FILE.json, holding "
+                        f"{CONFIG_HELP}; in Python: load_chat_model(path, cfg=config). Or save the model with "
+                        "save_checkpoint (appendix C), which stores its config in the file.")
+            raise ChatModelError(f"{path} cannot be used as a chat model: {e}{hint}") from e
     else:
         try:
             gpt2_size_name(text)
@@ -363,6 +494,7 @@ def load_chat_model(spec: str = "124M", device=None) -> tuple[nn.Module, str]:
         return base.model, name
     params = sum(p.numel() for p in model.parameters())
     return model.eval(), f"{path.name} ({params / 1e6:.1f}M parameters, context {model.cfg['context_length']})"
+
 
 # %% ../nbs/24_transcript_hack.ipynb #03dc1cc4
 def _int_at_least(low: int):
@@ -396,6 +528,8 @@ def chat_arg_parser() -> argparse.ArgumentParser:
                     "transcript, the model writes the 'Bot:' lines, and a reply ends where the model starts the next "
                     "'User:' line. Ctrl-C or end of input (Ctrl-D) quits.")
     p.add_argument("--model", default="124M", help=f"what to chat with: {MODEL_SPEC_HELP}. Default: %(default)s")
+    p.add_argument("--config", default=None, metavar="FILE.json",
+                   help="the model's config, for a state_dict file whose size is not a GPT-2 size: " + CONFIG_HELP)
     p.add_argument("--max-new-tokens", type=_positive_int, default=40, help="longest reply, in tokens (default %(default)s)")
     p.add_argument("--temperature", type=_temperature, default=0.0,
                    help="0 for greedy decoding (the default), higher for more random replies")
@@ -404,17 +538,42 @@ def chat_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     return p
 
+def _forgiving_stdio() -> list:
+    """Make stdin and stdout replace what their encoding cannot express instead of raising; returns what to restore.
+
+    In a strict locale (`LC_ALL=C` with `PYTHONIOENCODING=ascii`, say) a byte that is not valid in the terminal's
+    encoding would otherwise end the chat with a `UnicodeDecodeError`, and a reply with an accented letter with a
+    `UnicodeEncodeError`.
+    """
+    changed = []
+    for stream in (sys.stdin, sys.stdout):
+        errors = getattr(stream, "errors", None)
+        if errors not in (None, "replace") and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+            changed.append((stream, errors))
+    return changed
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the terminal chat; returns the exit status: 0 when the user quits, 1 when the model cannot be loaded (defined in part 24)."""
+    """Run the terminal chat; returns the exit status: 0 when the user quits, 1 when the model cannot be loaded (defined in part 24).
+
+    Any input is accepted: bytes that are not valid in the terminal's encoding are replaced (U+FFFD) and a note
+    on stderr says how to type them; characters the terminal cannot show are printed as `?`.
+    """
     args = chat_arg_parser().parse_args(argv)      # bad options: argparse prints usage and exits with 2
+    if sys.stdin is None:
+        print("chat: error: there is no standard input to read messages from; run it in a terminal, or pipe text "
+              "into it.", file=sys.stderr)
+        return 1
+    restore = _forgiving_stdio()
+    warned = False
     try:
         if args.seed is not None:
             set_seed(args.seed)
         try:
-            model, name = load_chat_model(args.model, device=args.device)
+            model, name = load_chat_model(args.model, device=args.device, cfg=args.config)
             session = ChatSession(model, gpt2_tokenizer(), max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-        except (OSError, ValueError, RuntimeError) as e:
+        except (OSError, ValueError, RuntimeError, LookupError, TypeError) as e:
             print(f"chat: error: {e}", file=sys.stderr)
             return 1
         print(f"Chatting with {name}. Ctrl-C or Ctrl-D to quit.", flush=True)
@@ -425,6 +584,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 break
             if not sys.stdin.isatty():
                 print(message, flush=True)         # input from a pipe is not echoed: show it, so the output reads as a chat
+            if "\ufffd" in message and not warned:
+                warned = True
+                print(f"chat: note: part of that line is not valid {sys.stdin.encoding} and was replaced by U+FFFD. To "
+                      "type such characters, use a UTF-8 locale (LC_ALL=C.UTF-8) or set PYTHONIOENCODING=utf-8.",
+                      file=sys.stderr, flush=True)
             if not message.strip():
                 continue                           # an empty line is not a message
             try:
@@ -438,8 +602,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(flush=True)
     except KeyboardInterrupt:
         pass
+    finally:
+        for s, errors in restore:                  # leave stdin and stdout as we found them
+            s.reconfigure(errors=errors)
     print("\nBye.", flush=True)
     return 0
+
 
 # %% ../nbs/24_transcript_hack.ipynb #c3fe9338
 if __name__ == "__main__" and "__file__" in globals():     # a notebook kernel is "__main__" too, but has no file

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from llm_from_scratch.chat import (DEFAULT_PREAMBLE, DEFAULT_STOP, ChatModelError, ChatSession, MessageTooLongError,
-                                   StopStringFilter, Turn, build_transcript, fit_history, generate_reply,
-                                   load_chat_model, score_reply, stream_reply)
+from llm_from_scratch.chat import (DEFAULT_PREAMBLE, ChatModelError, ChatSession, MessageTooLongError,
+                                   StopStringFilter, Turn, build_transcript, encode_text, fit_history, generate_reply,
+                                   load_chat_model, score_reply, speaker_labels, stream_reply)
 from llm_from_scratch.checkpoint import save_checkpoint
 from llm_from_scratch.model import GPTModel
 from llm_from_scratch.tokenizer import gpt2_tokenizer
@@ -29,16 +29,17 @@ def tok():
 
 
 class ScriptedModel(nn.Module):
-    """Emits a fixed sequence of token ids, one per call (then repeats the last), whatever it reads."""
+    """Emits a fixed sequence of token ids, one per call (then repeats the last), whatever it reads; keeps what it read."""
     def __init__(self, script, context_length=64):
         super().__init__()
-        self.script, self.calls = list(script), 0
+        self.script, self.calls, self.inputs = list(script), 0, []
         self.cfg = {"context_length": context_length, "vocab_size": 50257}
         self.dummy = nn.Parameter(torch.zeros(()))
 
     def forward(self, idx):                                     # (B, T) -> (B, T, V)
         token = self.script[min(self.calls, len(self.script) - 1)]
         self.calls += 1
+        self.inputs.append(idx[0].tolist())
         logits = torch.zeros(*idx.shape, 50257)
         logits[..., token] = 1.0
         return logits
@@ -203,6 +204,82 @@ def test_turn_checks_role():
         Turn("assistant", "x")
 
 
+def test_session_records_the_message_even_if_the_reply_is_never_read(tok):
+    s = ChatSession(ScriptedModel(ids_of(tok, " ok", "\n", "User", ":")), tok, max_new_tokens=8)
+    s.send("first")                                            # the generator is never started
+    assert s.history == [Turn("user", "first"), Turn("bot", "")]
+    assert s.ask("second") == "ok"                             # sending again closes the unread stream
+    assert s.history == [Turn("user", "first"), Turn("bot", ""), Turn("user", "second"), Turn("bot", "ok")]
+    assert "User: first\nBot: \nUser: second\nBot:" in s.prompt_for("third")
+
+
+def test_history_grows_with_each_piece_shown(tok):
+    s = ChatSession(ScriptedModel(ids_of(tok, " a", " b", " c", "\n", "User", ":")), tok, max_new_tokens=8)
+    stream = s.send("hi")
+    assert next(stream) == "a" and s.history[-1] == Turn("bot", "a")
+    assert next(stream) == " b" and s.history[-1] == Turn("bot", "a b")
+    assert s.last is None                                      # not finished yet
+    assert list(stream) == [" c"] and s.history[-1] == Turn("bot", "a b c") and s.last.stop_reason == "stop"
+
+
+def test_prompt_for_has_no_side_effects(tok):
+    s = ChatSession(ScriptedModel(ids_of(tok, " ok", "\n", "User", ":")), tok, max_new_tokens=8)
+    for i in range(6):
+        s.ask(f"message number {i}")
+    dropped, history = s.dropped_turns, list(s.history)
+    s.prompt_for("x")                                          # a short message: fewer turns would be dropped
+    s.prompt_for("word " * 20)                                 # a long one: more
+    assert s.dropped_turns == dropped and s.history == history and dropped > 0
+
+
+def test_reset_forgets_and_closes(tok):
+    s = ChatSession(ScriptedModel(ids_of(tok, " a", " b")), tok, max_new_tokens=8)
+    stream = s.send("hi")
+    next(stream)
+    s.reset()
+    assert s.history == [] and s.last is None and s.dropped_turns == 0
+    assert list(stream) == []                                  # the old stream was closed
+
+
+def test_user_text_never_becomes_the_end_of_text_token(tok):
+    typed = "a <|endoftext|> b <|endoftext|>"
+    assert 50256 in tok.encode(typed, allowed_special="all")  # what the old encoding did
+    assert 50256 not in encode_text(tok, typed) and tok.decode(encode_text(tok, typed)) == typed
+    model = ScriptedModel(ids_of(tok, " ok", "\n", "User", ":"))
+    s = ChatSession(model, tok, max_new_tokens=8)
+    assert s.ask(typed) == "ok"
+    model.calls = 0
+    assert s.ask("<|endoftext|>") == "ok"
+    assert model.inputs and all(50256 not in ids for ids in model.inputs)
+    assert 50256 not in encode_text(tok, s.prompt_for("<|endoftext|>"))
+
+
+def test_streaming_leaves_autograd_on_between_pieces(tok):
+    assert torch.is_grad_enabled()
+    stream = stream_reply(ScriptedModel(ids_of(tok, " a", " b", " c")), tok, "x", max_new_tokens=3)
+    next(stream)
+    assert torch.is_grad_enabled()                             # a paused stream must not switch autograd off
+    stream.close()
+
+
+def test_context_size_larger_than_the_model_is_refused_with_advice_that_works(tok):
+    torch.manual_seed(0)
+    model = GPTModel(TINY).eval()
+    with pytest.raises(ValueError, match=r"context_size=64 or less"):
+        generate_reply(model, tok, "hi", context_size=65, max_new_tokens=2)
+    assert generate_reply(model, tok, "hi", context_size=64, max_new_tokens=2).new_tokens == 2   # the advice works
+    for bad in (0, -1, "64", 2.5, True):
+        with pytest.raises(ValueError, match="positive integer"):
+            generate_reply(model, tok, "hi", context_size=bad, max_new_tokens=2)
+
+
+def test_stop_must_be_strings(tok):
+    with pytest.raises(TypeError, match="list/tuple of strings"):
+        StopStringFilter(None)
+    with pytest.raises(TypeError, match="list/tuple of strings"):
+        ChatSession(ScriptedModel([13]), tok, stop=5)
+
+
 # ---- scoring -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("reply,reason,failing", [
@@ -211,12 +288,25 @@ def test_turn_checks_role():
     ("Radiant, shining", "max_new_tokens", "stops"),
     ("Radiant. User: thanks", "stop", "no user line"), ("Radiant. user : ok", "stop", "no user line"),
     ("Radiant.\nBot: also shiny", "stop", "one speaker"), ("\nROMEO:\nBright?", "stop", "one speaker"),
+    ("Synonym: radiant.", "stop", None), ("Answer: Paris.\nNote: the capital.", "stop", None),
+    ("Radiant.\n\nFirst Citizen:\nBright?", "stop", "one speaker"), ("KING RICHARD III: Bright!", "stop", "one speaker"),
+    ("Radiant.\nAll:", "stop", "one speaker"),
 ])
 def test_score_reply_rules(reply, reason, failing):
     s = score_reply(reply, reason)
     assert s["in role"] == (failing is None)
     if failing:
         assert not s[failing] and sum(not v for k, v in s.items() if k != "in role") == 1
+
+
+def test_speaker_labels_tell_answers_from_speakers():
+    assert speaker_labels("Synonym: radiant.") == []                                   # an answer, not a speaker
+    assert speaker_labels("Synonym:\nradiant") == ["Synonym"]                         # the play format counts
+    assert speaker_labels("a\nSecond Citizen:\nb\nMENENIUS: c\n  Bot: d\nUser:") == [
+        "Second Citizen", "MENENIUS", "Bot", "User"]
+    assert speaker_labels("Well: then.\nsee: here\nIt is 3:45 now") == []
+    with pytest.raises(TypeError, match="str"):
+        speaker_labels(None)
 
 
 def test_score_reply_bad_input():
