@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -19,18 +20,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .core import PROFILES, get_device, get_profile, set_seed
-from .download import cache_dir, read_text
+from .download import REGISTRY, cache_dir, read_text
 from .generate import PromptCroppedWarning, generate
-from .loss import calc_loss_loader
+from .loss import calc_loss_batch
 from .train import train_model_simple
 
 # %% auto #0
 __all__ = ['INSTRUCT_RECIPES', 'PREAMBLE', 'RESPONSE_HEADER', 'INSTRUCTION_DATA', 'MODEL_NAME_SUFFIX', 'RESPONSE_KEYS',
-           'instruct_recipe', 'recipe_data', 'InstructionDataError', 'format_input', 'check_instruction_data',
-           'load_instruction_data', 'split_instruction_data', 'InstructionExample', 'prompt_text', 'InstructionDataset',
-           'custom_collate_fn', 'instruction_dataloader', 'finetune_instruction_model', 'generate_responses',
-           'generate_test_responses', 'ResponsesFileError', 'test_responses_path', 'save_responses', 'load_responses',
-           'ensure_test_responses']
+           'RESPONSES_FORMAT', 'instruct_recipe', 'recipe_data', 'InstructionDataError', 'format_input',
+           'check_instruction_data', 'load_instruction_data', 'split_instruction_data', 'InstructionExample',
+           'prompt_text', 'InstructionDataset', 'custom_collate_fn', 'instruction_dataloader',
+           'finetune_instruction_model', 'generate_responses', 'generate_test_responses', 'ResponsesFileError',
+           'ResponsesWriteError', 'test_responses_path', 'responses_key_path', 'save_responses', 'load_responses',
+           'weights_digest', 'responses_key', 'stale_reason', 'ensure_test_responses']
 
 # %% ../nbs/25_instruction_finetuning.ipynb #7bd940b2
 INSTRUCT_RECIPES = {              # keyed by profile; "full" is the one the text describes
@@ -63,19 +65,31 @@ PREAMBLE = ("Below is an instruction that describes a task. "
             "Write a response that appropriately completes the request.")
 RESPONSE_HEADER = "\n\n### Response:\n"
 
+def _describe(value) -> str:
+    "How a wrong value looks in a message: null for None, else its type and the start of its text."
+    kind = type(value).__name__
+    return "null (None)" if value is None else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({str(value)[:40]!r})"
+
 def _check_entry(entry, where: str = "the entry", need_output: bool = True) -> None:
-    "Raise InstructionDataError unless `entry` is a dict with string fields the Alpaca format needs."
+    "Raise InstructionDataError unless `entry` is a dict whose fields the Alpaca format can use; messages name `where`."
     if not isinstance(entry, Mapping):
-        raise InstructionDataError(f"{where} is a {type(entry).__name__}, not a dict; each example must be a dict "
+        raise InstructionDataError(f"{where} is {_describe(entry)}, not a dict; each example must be a dict "
                                    "with the keys 'instruction', 'input' (may be empty) and 'output'.")
     needed = ("instruction", "output") if need_output else ("instruction",)
     missing = [k for k in needed if k not in entry]
     if missing:
         raise InstructionDataError(f"{where} has no {' or '.join(repr(k) for k in missing)} (its keys: "
-                                   f"{sorted(entry)}); add it, or drop the example.")
-    for k in ("instruction", "input", "output"):
-        if k in entry and entry[k] is not None and not isinstance(entry[k], str):
-            raise InstructionDataError(f"{where}: {k!r} must be a string, got {type(entry[k]).__name__}.")
+                                   f"{sorted(map(str, entry))}); add it, or drop the example.")
+    for k in needed:                       # required: text that says something
+        if not isinstance(entry[k], str):
+            raise InstructionDataError(f"{where}: {k!r} is {_describe(entry[k])}, not a string; write the {k} "
+                                       "as text, or drop the example.")
+        if not entry[k].strip():
+            raise InstructionDataError(f"{where}: {k!r} is empty; write the {k}, or drop the example.")
+    for k in ("input", "output"):          # optional here: absent, None or a string
+        if entry.get(k) is not None and not isinstance(entry[k], str):
+            raise InstructionDataError(f"{where}: {k!r} is {_describe(entry[k])}, not a string; write it as text "
+                                       "(an empty string when there is none).")
 
 def format_input(entry: Mapping) -> str:
     """The Alpaca-style prompt of one example: preamble, instruction, and the input if there is one (defined in part 25).
@@ -90,23 +104,66 @@ def format_input(entry: Mapping) -> str:
 # %% ../nbs/25_instruction_finetuning.ipynb #af6254a0
 INSTRUCTION_DATA = "instruction-data.json"
 
-def check_instruction_data(data, name: str = "the data set") -> list:
-    """`data` as a list, after checking it is a non-empty list of usable examples (defined in part 25)."""
-    if not isinstance(data, Sequence) or isinstance(data, (str, bytes)):
-        raise InstructionDataError(f"{name} must be a list of example dicts, got {type(data).__name__}.")
+def check_instruction_data(data, name: str = "the data set", *, need_output: bool = True) -> list:
+    """`data` as a list, after checking it is a non-empty list of usable examples (defined in part 25).
+
+    A bad example raises `InstructionDataError` naming `name`, the example's index and the fix. `need_output=False`
+    (for prompts that are only to be answered) lets examples go without an `output`.
+    """
+    if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Sequence):
+        raise InstructionDataError(f"{name} must be a list of example dicts, got {type(data).__name__}; a data "
+                                   "file holds one JSON list: [{\"instruction\": ..., \"input\": ..., \"output\": ...}, ...].")
     if len(data) == 0:
         raise InstructionDataError(f"{name} is empty: there is nothing to train or evaluate on; pass a list of "
                                    "dicts with 'instruction', 'input' and 'output'.")
     for i, entry in enumerate(data):
-        _check_entry(entry, where=f"example {i} of {name}")
+        _check_entry(entry, where=f"example {i} of {name}", need_output=need_output)
     return list(data)
 
-def load_instruction_data(name: str = INSTRUCTION_DATA) -> list[dict]:
-    """The book's 1,100 instruction examples, read with `read_text` and checked (defined in part 25)."""
+def _read_json_file(path, error: type, fix: str):
+    """The parsed JSON in `path`; anything that stops that raises `error` naming the file, the problem and `fix`."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{path} is a folder, not a file; {fix}")
     try:
-        data = json.loads(read_text(name))
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path} does not exist; {fix}") from None
+    except OSError as e:
+        raise error(f"{path} cannot be read ({e.strerror or e}); {fix}") from e
+    try:
+        text = raw.decode("utf-8-sig")                      # a UTF-8 byte-order mark is harmless
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not UTF-8 text (byte {e.start} is {raw[e.start]:#04x}); save it as UTF-8: {fix}") from None
+    if not text.strip():
+        raise error(f"{path} is empty; {fix}")
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise InstructionDataError(f"{name} is not valid JSON ({e}); delete the cached copy so it is fetched again.") from e
+        raise error(f"{path} is not valid JSON ({e.msg}: line {e.lineno}, column {e.colno}); {fix}") from None
+
+def load_instruction_data(name=INSTRUCTION_DATA) -> list[dict]:
+    """Instruction examples, checked: the book's 1,100 by default (defined in part 25).
+
+    `name` is a data file of the course's registry (read with `read_text`, so a verified copy) or the path of
+    a JSON file of your own holding a list of `{"instruction", "input", "output"}` dicts. Whatever is wrong
+    (no such file, not UTF-8, empty, not JSON, not a list, a bad example) raises `InstructionDataError` naming
+    the file, the example's index where there is one, and the fix.
+    """
+    fix = ("it must hold a JSON list of dicts with 'instruction', 'input' (may be empty) and 'output'.")
+    if isinstance(name, str) and name in REGISTRY:
+        try:
+            data = json.loads(read_text(name))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InstructionDataError(f"{name} is not valid JSON text ({e}); delete the cached copy so it is "
+                                       "fetched again.") from None
+    else:
+        path = Path(name)
+        if not path.exists() and isinstance(name, str) and not name.endswith(".json"):
+            raise InstructionDataError(f"{name!r} is neither a file nor a data file of the course's registry; pass "
+                                       f"the path of a JSON file of examples, or {INSTRUCTION_DATA!r}.")
+        data = _read_json_file(path, InstructionDataError, fix)
+        name = str(path)
     return check_instruction_data(data, name)
 
 # %% ../nbs/25_instruction_finetuning.ipynb #df4a6a9d
@@ -222,21 +279,39 @@ def instruction_dataloader(data, tokenizer, *, batch_size: int = 8, shuffle: boo
 def _context_length(model: nn.Module) -> int:
     return model.pos_emb.weight.shape[0]
 
+class _TrainingReads(Dataset):
+    "Wraps a dataset and counts how often each item is read while `model` is in training mode, i.e. for a step."
+    def __init__(self, dataset, model: nn.Module):
+        self.dataset, self.model, self.counts = dataset, model, [0] * len(dataset)
+
+    def __getitem__(self, index):
+        if self.model.training:                        # evaluate_model reads batches in eval mode: not counted
+            self.counts[index] += 1
+        return self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
 def finetune_instruction_model(model: nn.Module, tokenizer, train_data, val_data, recipe: Mapping, *,
                                device=None, progress: bool = True) -> dict:
     """Fine-tune `model` in place on instruction examples with `recipe`, using part 22's `train_model_simple` (defined in part 25).
 
     AdamW with the recipe's `lr` and `weight_decay`; batches of `batch_size` shuffled with the recipe's seed,
     incomplete last batch dropped; inputs cut to the model's context length; `mask_prompt` as in
-    `InstructionDataset`. Returns the loop's history (`train_losses`, `val_losses`, `tokens_seen`, `steps`)
-    and the wall-clock `seconds`; the model is left in eval mode.
+    `InstructionDataset`. Returns the loop's history (`train_losses`, `val_losses`, `tokens_seen`, `steps`),
+    `steps_total`, `times_trained` (for each training example, how many training steps read it) and the
+    wall-clock `seconds`; the model is left in eval mode.
     """
     device = get_device(device)
     ctx = _context_length(model)
     set_seed(recipe["seed"])
-    kw = dict(batch_size=recipe["batch_size"], allowed_max_length=ctx, mask_prompt=recipe.get("mask_prompt", False))
-    train_loader = instruction_dataloader(train_data, tokenizer, shuffle=True, drop_last=True, **kw)
-    val_loader = instruction_dataloader(val_data, tokenizer, shuffle=False, drop_last=False, **kw)
+    mask_prompt = recipe.get("mask_prompt", False)
+    train_set = _TrainingReads(InstructionDataset(train_data, tokenizer, mask_prompt=mask_prompt), model)
+    collate = functools.partial(custom_collate_fn, allowed_max_length=ctx)
+    train_loader = DataLoader(train_set, batch_size=recipe["batch_size"], shuffle=True, drop_last=True,
+                              collate_fn=collate, num_workers=0)
+    val_loader = instruction_dataloader(val_data, tokenizer, batch_size=recipe["batch_size"], shuffle=False,
+                                        drop_last=False, allowed_max_length=ctx, mask_prompt=mask_prompt)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     start = time.perf_counter()
     train_losses, val_losses, tokens_seen = train_model_simple(
@@ -247,7 +322,8 @@ def finetune_instruction_model(model: nn.Module, tokenizer, train_data, val_data
     model.eval()
     steps = [i * recipe["eval_freq"] for i in range(len(train_losses))]
     return {"train_losses": train_losses, "val_losses": val_losses, "tokens_seen": tokens_seen, "steps": steps,
-            "steps_total": recipe["num_epochs"] * len(train_loader), "seconds": seconds}
+            "steps_total": recipe["num_epochs"] * len(train_loader), "times_trained": list(train_set.counts),
+            "seconds": seconds}
 
 # %% ../nbs/25_instruction_finetuning.ipynb #87ec5a4b
 def generate_responses(model: nn.Module, tokenizer, entries, max_new_tokens: int, *, eos_id: int = 50256,
@@ -261,7 +337,7 @@ def generate_responses(model: nn.Module, tokenizer, entries, max_new_tokens: int
     to its last tokens (only tiny smoke models have such short contexts).
     """
     from tqdm.auto import tqdm
-    entries = check_instruction_data(entries, "the entries to answer")
+    entries = check_instruction_data(entries, "the entries to answer", need_output=False)
     device = next(model.parameters()).device
     prompts = [tokenizer.encode(prompt_text(e)) for e in entries]
     by_length = {}
@@ -302,6 +378,9 @@ RESPONSE_KEYS = ("instruction", "input", "output", "model_response", "model_name
 class ResponsesFileError(ValueError):
     """A responses file that is missing, corrupt or not in the book's format (defined in part 25)."""
 
+class ResponsesWriteError(OSError):
+    """A responses file that could not be written; the message names the file asked for and why (defined in part 25)."""
+
 def test_responses_path(profile: str | None = None) -> Path:
     """Where part 25 keeps its test answers for `profile` (default: the current one); part 26 reads it (defined in part 25)."""
     profile = profile or get_profile()
@@ -309,70 +388,196 @@ def test_responses_path(profile: str | None = None) -> Path:
         raise ValueError(f"unknown profile {profile!r}; use one of {PROFILES}.")
     return cache_dir() / "responses" / f"instruction-test-responses-{profile}.json"
 
-def _check_responses(responses, where: str) -> list:
+_REMAKE = "delete it and run part 25 again (or call ensure_test_responses(), which writes it)."
+
+def _check_responses(responses, where: str, fix: str = _REMAKE) -> list:
+    "`responses` if it is a non-empty list of answered entries in the book's format, else ResponsesFileError naming `where`."
     if not isinstance(responses, list) or not responses:
-        raise ResponsesFileError(f"{where}: expected a non-empty JSON list of answered test entries, got "
-                                 f"{type(responses).__name__ if not isinstance(responses, list) else 'an empty list'}.")
+        got = "an empty list" if isinstance(responses, list) else f"a {type(responses).__name__}"
+        raise ResponsesFileError(f"{where}: expected a non-empty JSON list of answered test entries, got {got}; {fix}")
     for i, r in enumerate(responses):
         if not isinstance(r, dict):
-            raise ResponsesFileError(f"{where}: entry {i} is a {type(r).__name__}, not a dict.")
-        missing = [k for k in RESPONSE_KEYS if not isinstance(r.get(k), str)]
-        if missing:
-            raise ResponsesFileError(f"{where}: entry {i} lacks the string field(s) {missing}; each entry needs "
-                                     f"{list(RESPONSE_KEYS)}.")
+            raise ResponsesFileError(f"{where}: entry {i} is {_describe(r)}, not a dict; {fix}")
+        bad = [k for k in RESPONSE_KEYS if not isinstance(r.get(k), str)]
+        if bad:
+            raise ResponsesFileError(f"{where}: entry {i} has no string {', '.join(map(repr, bad))} (got "
+                                     f"{', '.join(_describe(r.get(k)) for k in bad)}); every entry needs the string "
+                                     f"fields {list(RESPONSE_KEYS)}; {fix}")
+        empty = [k for k in ("instruction", "output", "model_name") if not r[k].strip()]
+        if empty:
+            raise ResponsesFileError(f"{where}: entry {i} has an empty {', '.join(map(repr, empty))}; {fix}")
     return responses
 
-def save_responses(responses, path) -> Path:
-    """Write answered entries as a JSON list, atomically: readers see the old file or the whole new one (defined in part 25).
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder, flushed (fsync) and renamed over it.
 
-    The text is built first, written to a temporary file in the same folder, flushed to disk (fsync) and
-    renamed over `path`; if anything fails, the temporary file is removed and `path` is untouched.
-    """
-    path = Path(path)
-    text = json.dumps(_check_responses(responses, "save_responses"), indent=4, ensure_ascii=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    Readers see the old file or the whole new one. If anything fails the temporary file is removed, `path` is
+    as it was, and `ResponsesWriteError` names `path` (never the temporary file) and the reason."""
+    if path.is_dir():
+        raise ResponsesWriteError(f"cannot write {path}: it is a folder; pass the path of a file.")
+    blocker = next((p for p in path.parents if p.exists()), None)       # the nearest ancestor that exists
+    if blocker is not None and not blocker.is_dir():
+        raise ResponsesWriteError(f"cannot write {path}: {blocker} is a file, not a folder; pass another path.")
+    tmp_name = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+        tmp_name = None
+    except OSError as e:
+        raise ResponsesWriteError(f"cannot write {path}: {e.strerror or e}; it was left as it was. Check that its "
+                                  "folder can be created and written to and that the disk has room, or pass "
+                                  "another path.") from e
+    finally:
+        if tmp_name is not None:
+            try:
+                Path(tmp_name).unlink(missing_ok=True)
+            except OSError:
+                pass
+
+def responses_key_path(path) -> Path:
+    """The key file kept beside responses file `path`: what made the answers (defined in part 25)."""
+    path = Path(path)
+    return path.with_name(path.stem + ".key.json")
+
+def save_responses(responses, path, *, key: Mapping | None = None) -> Path:
+    """Write answered entries as a JSON list, atomically: readers see the old file or the whole new one (defined in part 25).
+
+    The entries are checked first, then written through a temporary file in the same folder (flushed to disk and
+    renamed over `path`). With `key` (from `responses_key`), the key file beside it records what made the
+    answers and a digest of the file, so `stale_reason` can tell later whether they still fit; the old key file
+    is removed first, so a failure in between leaves answers without a key (stale), never a wrong key.
+    A write that cannot happen raises `ResponsesWriteError` naming `path` and the reason.
+    """
+    path = Path(path)
+    text = json.dumps(_check_responses(responses, "save_responses", "pass the entries made by "
+                                       "generate_test_responses."), indent=4, ensure_ascii=False)
+    if key is not None:
+        key_path = responses_key_path(path)
+        try:
+            key_path.unlink(missing_ok=True)
+        except OSError as e:
+            raise ResponsesWriteError(f"cannot replace {key_path}: {e.strerror or e}; nothing was written.") from e
+    _write_atomically(path, text)
+    if key is not None:
+        record = {"key": dict(key), "responses_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+        _write_atomically(key_path, json.dumps(record, indent=2, sort_keys=True))
     return path
 
 def load_responses(path) -> list[dict]:
-    """Read a file written by `save_responses`, checking it is in the book's format (defined in part 25)."""
+    """Read a file written by `save_responses`, checking it is in the book's format (defined in part 25).
+
+    Anything wrong (missing, a folder, not UTF-8, empty, not JSON, a bad entry) raises `ResponsesFileError`
+    naming the file, the entry's index where there is one, and the fix.
+    """
+    path = Path(path)
+    return _check_responses(_read_json_file(path, ResponsesFileError, _REMAKE), str(path))
+
+RESPONSES_FORMAT = 1          # raise it when the answers' meaning changes in a way the code digest cannot see
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of `model.state_dict()`: every tensor's name, dtype, shape and bytes, in name order (defined in part 25)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy())                   # the raw bytes, whatever the dtype
+    return h.hexdigest()
+
+def _answer_code() -> list:
+    "The library code that decides what the answers are; the key hashes it."
+    from llm_from_scratch import instruct as lib               # the module's copies (a notebook cell has no source file)
+    return [lib.format_input, lib.prompt_text, lib.InstructionDataset, lib.custom_collate_fn, lib.instruction_dataloader,
+            lib._TrainingReads, lib.finetune_instruction_model, lib.generate_responses, lib.generate_test_responses,
+            train_model_simple, calc_loss_batch, generate]
+
+def responses_key(base, recipe: Mapping, data=None) -> dict:
+    """What part 25's test answers depend on, as plain data (defined in part 25).
+
+    `base` is what `load_base_model` returns (its `name` and `model` are used): the base model's name and a
+    digest of its weights, the fine-tuning `recipe`, a digest of the examples `recipe_data(recipe, data)`
+    uses, a digest of the code that fine-tunes and answers (comments and docstrings do not count), and
+    `RESPONSES_FORMAT`. A rebuilt base model, a new recipe or new code gives a new key.
+    """
+    from llm_from_scratch.base_model import code_digest          # appendix F
+    train, test, val = recipe_data(recipe, data)
+    examples = json.dumps([train, test, val], sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return {"format": RESPONSES_FORMAT, "base_model": base.name, "base_weights_sha256": weights_digest(base.model),
+            "recipe": json.loads(json.dumps(dict(recipe))), "data_sha256": hashlib.sha256(examples).hexdigest(),
+            "code_sha256": code_digest(*_answer_code())}
+
+def _key_change(field: str, old, new) -> str:
+    "One phrase saying how a stored key's `field` differs from the current one."
+    if field == "base_model":
+        return f"from another base model ({old!r}; now {new!r})"
+    if field == "base_weights_sha256":
+        return f"from other base-model weights (digest {str(old)[:12]}; now {str(new)[:12]})"
+    if field == "recipe" and isinstance(old, dict):
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return "with another recipe (" + ", ".join(f"{k}: {old.get(k)!r}, now {new.get(k)!r}" for k in changed) + ")"
+    if field == "data_sha256":
+        return "from other instruction examples"
+    if field == "code_sha256":
+        return "by other fine-tuning or answering code"
+    return f"with another {field} ({old!r}; now {new!r})"
+
+def stale_reason(path, key: Mapping) -> str | None:
+    """None if the answers in `path` were made with `key` and are intact, else why they cannot be reused (defined in part 25)."""
     path = Path(path)
     if not path.is_file():
-        raise ResponsesFileError(f"{path} does not exist; run part 25 (or ensure_test_responses()) to write it.")
+        return "does not exist"
+    key_path = responses_key_path(path)
     try:
-        responses = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ResponsesFileError(f"{path} is not valid JSON ({e}); delete it and run part 25 again.") from e
-    return _check_responses(responses, str(path))
+        record = json.loads(key_path.read_text(encoding="utf-8"))
+        saved_key, saved_digest = dict(record["key"]), record["responses_sha256"]
+    except FileNotFoundError:
+        return f"has no key file ({key_path.name}), so what made it is unknown"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"has a key file that cannot be read ({key_path.name}: {type(e).__name__})"
+    if hashlib.sha256(path.read_bytes()).hexdigest() != saved_digest:
+        return "changed after it was written (it no longer matches the digest in its key file)"
+    new_key = json.loads(json.dumps(dict(key)))
+    changes = [_key_change(k, saved_key.get(k), new_key.get(k)) for k in sorted(set(saved_key) | set(new_key))
+               if saved_key.get(k) != new_key.get(k)]
+    if changes:
+        return "was made " + "; ".join(changes)
+    try:
+        load_responses(path)
+    except ResponsesFileError as e:
+        return f"is not a usable responses file ({e})"
+    return None
 
 # %% ../nbs/25_instruction_finetuning.ipynb #edda0b03
-def ensure_test_responses(*, device=None, progress: bool = True) -> Path:
-    """The path of part 25's test answers for the current profile, made first if missing (defined in part 25).
+def ensure_test_responses(*, base=None, device=None, progress: bool = True) -> Path:
+    """The path of part 25's test answers for the current profile, made first if missing or stale (defined in part 25).
 
-    If the file is absent this runs part 25's recipe: `load_base_model`, the book's split, fine-tuning with
-    `instruct_recipe()`, greedy answers to the 110 test entries stopped at end-of-text, and an atomic write.
+    The answers are reused only if their key file says they were made from this base model (same name, same
+    weights), with this profile's recipe, examples and code (`responses_key`, `stale_reason`). Otherwise one
+    line says why they are stale and part 25's recipe runs again: `load_base_model` (or `base`, if given), the
+    book's split, fine-tuning with `instruct_recipe()`, greedy answers to the 110 test entries stopped at
+    end-of-text, and an atomic write of the answers and their key.
     """
-    path = test_responses_path()
-    if path.is_file():
-        return path
-    from llm_from_scratch.gpt2 import load_base_model          # appendix D
+    from llm_from_scratch.base_model import load_base_model       # appendix F
     from llm_from_scratch.tokenizer import gpt2_tokenizer
+    path = test_responses_path()
     recipe = instruct_recipe()
     device = get_device(device)
+    if base is None:
+        base = load_base_model(recipe["base_model"], device=device, progress=progress, verbose=progress)
+    key = responses_key(base, recipe)
+    reason = stale_reason(path, key)
+    if reason is None:
+        return path
+    if path.exists():
+        print(f"part 25's test answers are stale: {path} {reason}; making them again.")
     tokenizer = gpt2_tokenizer()
-    base = load_base_model(recipe["base_model"], device=device, progress=progress)
     train_data, test_data, val_data = recipe_data(recipe)
-    model = copy.deepcopy(base.model)
+    model = copy.deepcopy(base.model).to(device)
     finetune_instruction_model(model, tokenizer, train_data, val_data, recipe, device=device, progress=progress)
     responses, _ = generate_test_responses(model, tokenizer, test_data, model_name=base.name + MODEL_NAME_SUFFIX,
                                            max_new_tokens=recipe["max_new_tokens"], progress=progress)
-    return save_responses(responses, path)
+    return save_responses(responses, path, key=key)

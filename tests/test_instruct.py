@@ -3,6 +3,7 @@ against a plain reference written here from the book's rules, the responses file
 import json
 import os
 import random
+import types
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from llm_from_scratch.loss import calc_loss_batch
 from llm_from_scratch.model import GPTModel
 from llm_from_scratch.tokenizer import gpt2_tokenizer
 
+DATA_MIRROR = os.environ.get("LLM_FROM_SCRATCH_DATA")
 TINY = {"vocab_size": 50257, "context_length": 64, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
         "drop_rate": 0.0, "qkv_bias": False}
 
@@ -208,10 +210,42 @@ def test_bad_responses_are_refused(tmp_path):
         load_responses(tmp_path / "missing.json")
 
 
-def test_ensure_returns_an_existing_file_without_work(isolated_cache, monkeypatch):
-    path = save_responses(_answers(), instruct.test_responses_path())
-    monkeypatch.setattr(instruct, "finetune_instruction_model", None)   # would fail if it were called
-    assert instruct.ensure_test_responses() == path
+def test_ensure_returns_a_fresh_file_without_work(isolated_cache, monkeypatch):
+    monkeypatch.setenv("LLM_FROM_SCRATCH_PROFILE", "smoke")
+    if DATA_MIRROR:                                 # isolated_cache removed it; the key reads the examples
+        monkeypatch.setenv("LLM_FROM_SCRATCH_DATA", DATA_MIRROR)
+    torch.manual_seed(0)
+    base = types.SimpleNamespace(name="tiny", model=GPTModel(TINY).eval())
+    key = instruct.responses_key(base, instruct.instruct_recipe())
+    path = save_responses(_answers(), instruct.test_responses_path(), key=key)
+    def made_again(*args, **kwargs):
+        raise AssertionError("the answers were made again")
+    monkeypatch.setattr(instruct, "save_responses", made_again)          # not part of the key's code digest
+    assert instruct.ensure_test_responses(base=base, device="cpu") == path
+    assert load_responses(path) == _answers()
+
+
+def test_weights_digest_sees_one_changed_weight():
+    torch.manual_seed(0)
+    a = GPTModel(TINY)
+    b = GPTModel(TINY)
+    b.load_state_dict(a.state_dict())
+    assert instruct.weights_digest(a) == instruct.weights_digest(b)
+    with torch.no_grad():
+        b.out_head.weight[3, 5] += 1e-6
+    assert instruct.weights_digest(a) != instruct.weights_digest(b)
+    assert instruct.weights_digest(a.to(torch.bfloat16)) != instruct.weights_digest(a.float())   # dtype counts
+
+
+def test_times_trained_counts_only_training_reads(data, tokenizer):
+    torch.manual_seed(0)
+    model = GPTModel(TINY)
+    recipe = {**instruct.instruct_recipe("smoke"), "batch_size": 2, "num_epochs": 2, "eval_freq": 1, "eval_iter": 1}
+    hist = instruct.finetune_instruction_model(model, tokenizer, data[:5], data[5:7], recipe, device="cpu",
+                                               progress=False)
+    # 5 examples, batches of 2, drop_last: 2 batches (4 texts) per epoch; evaluation reads are not counted
+    assert hist["steps_total"] == 4 and len(hist["times_trained"]) == 5
+    assert sum(hist["times_trained"]) == 8 and max(hist["times_trained"]) <= 2
 
 
 def test_tiny_fine_tune_and_answers(data, tokenizer):
