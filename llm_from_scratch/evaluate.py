@@ -3,17 +3,20 @@
 # %% ../nbs/26_evaluation.ipynb #ecd2ae9b
 from __future__ import annotations
 
+import datetime
+import email.utils
 import hashlib
 import http.client
+import io
 import json
 import math
 import os
 import re
 import socket
+import ssl
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,21 +27,25 @@ from tqdm.auto import tqdm
 from .instruct import format_input
 
 # %% auto #0
-__all__ = ['OLLAMA_URL', 'judge_prompt', 'parse_score', 'JudgeError', 'JudgeUnavailableError', 'JudgeModelNotFoundError',
-           'JudgeTimeoutError', 'JudgeInputError', 'query_model', 'generate_model_scores', 'score_summary', 'pearson',
-           'rank_average', 'spearman', 'kendall_tau', 'rouge_tokens', 'lcs_length', 'rouge_l', 'answer_loss']
+__all__ = ['OLLAMA_URL', 'MAX_REPLY_BYTES', 'judge_prompt', 'parse_score', 'JudgeError', 'JudgeURLError', 'JudgeUnavailableError',
+           'JudgeTLSError', 'JudgeRedirectError', 'JudgeModelNotFoundError', 'JudgeRateLimitError', 'JudgeServerError',
+           'JudgeTimeoutError', 'JudgeReplyError', 'JudgeResultsFileError', 'JudgeInputError', 'query_model',
+           'generate_model_scores', 'score_summary', 'pearson', 'rank_average', 'spearman', 'kendall_tau',
+           'rouge_tokens', 'lcs_length', 'rouge_l', 'answer_loss']
 
 # %% ../nbs/26_evaluation.ipynb #e0338585
 def judge_prompt(entry: dict, json_key: str = "model_response") -> str:
     """The scoring request for one answered entry: task, correct output, the answer in `entry[json_key]` (defined in part 26).
 
-    Same content as the book's prompt (the task in part 25's Alpaca format, the reference output, the response,
-    a 0-100 scale and "Respond with the integer number only"), in our own wording.
+    The book's protocol asks the judge for one integer from 0 to 100, given the instruction (with its input), the
+    reference output and the model's response. This request gives the same three things and asks for the same
+    kind of answer, in the course's own words; scores depend on the exact prompt, so they compare only with
+    scores from this same prompt.
     """
     return (f"Here is a task:\n`{format_input(entry)}`\n\nThe correct output is:\n`{entry['output']}`\n\n"
             f"A model gave this response:\n`{entry[json_key]}`\n\n"
-            "Score the model response on a scale from 0 to 100, where 100 is the best score. "
-            "Respond with the integer number only.")
+            "How well does the response complete the task, judged against the correct output? Grade it with one "
+            "whole number: 0 for useless, 100 for perfect. Write that number and nothing else.")
 
 # %% ../nbs/26_evaluation.ipynb #4d36be9e
 _SCALE = re.compile(r"(?:/\s*100\b|\bout\s+of\s+100\b|\b(?:from\s+)?0\s*(?:-|–|to|and)\s*100\b)", re.I)
@@ -70,91 +77,490 @@ OLLAMA_URL = "http://localhost:11434/api/chat"
 class JudgeError(RuntimeError):
     """The judge could not give a reply (defined in part 26)."""
 
+class JudgeURLError(JudgeError, ValueError):
+    """url= cannot be used: no http:// or https://, another scheme, no host, a bad port or no path (defined in part 26)."""
+
 class JudgeUnavailableError(JudgeError):
-    """Nothing answers at the judge's address (defined in part 26)."""
+    """Nothing answers at the judge's address: connection refused, unknown host, unreachable network (defined in part 26)."""
+
+class JudgeTLSError(JudgeError):
+    """The https handshake failed: an untrusted certificate, or a server that does not speak TLS (defined in part 26)."""
+
+class JudgeRedirectError(JudgeError):
+    """The judge answered with a redirect (HTTP 3xx), which the client never follows (defined in part 26)."""
 
 class JudgeModelNotFoundError(JudgeError):
-    """The server answered, but it does not have the requested model: HTTP 404 (defined in part 26)."""
+    """HTTP 404: the server has no such model, or no chat endpoint at that path (defined in part 26)."""
+
+class JudgeRateLimitError(JudgeError):
+    """HTTP 429 on every try, or a Retry-After wait longer than the time left (defined in part 26)."""
+
+class JudgeServerError(JudgeError):
+    """The server failed: HTTP 5xx or a dropped connection on every try, or an error inside its reply (defined in part 26)."""
 
 class JudgeTimeoutError(JudgeError):
-    """The judge's reply did not arrive in time, even after the retries (defined in part 26)."""
+    """The judge's whole reply did not arrive in time, even after the retries (defined in part 26)."""
+
+class JudgeReplyError(JudgeError):
+    """A reply that cannot be used: not JSON, cut short, too large, or stopped at a length limit (defined in part 26)."""
+
+class JudgeResultsFileError(JudgeError, ValueError):
+    """results_path names a file that is not a results file of this run; it is left untouched (defined in part 26)."""
 
 class JudgeInputError(ValueError):
     """The data to be judged cannot be: empty, not a list of dicts, or lacking a key (defined in part 26)."""
 
 # %% ../nbs/26_evaluation.ipynb #ec612ba0
-_urlopen = urllib.request.urlopen      # one place to reach the network (tests check every address it is given)
+MAX_REPLY_BYTES = 2 ** 20        # a judge's reply is a few hundred bytes; a stream of one JSON line per token stays far below
+_MAX_ERROR_BYTES = 2 ** 16       # of an error page we read only this much: enough for the server's own message
+_URL_EXAMPLE = "e.g. url='http://localhost:11434/api/chat' (Ollama) or 'http://localhost:8080/v1/chat/completions'"
+
+def _judge_target(url) -> urllib.parse.SplitResult:
+    "url= split into its parts, checked before anything is sent: http(s), a host, a valid port, a path."
+    if not isinstance(url, str) or not url.strip():
+        raise JudgeURLError(f"url={url!r} is not an address; pass the judge's chat endpoint, {_URL_EXAMPLE}.")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        raise JudgeURLError(f"url={url!r} contains a space or a control character; pass the address alone, {_URL_EXAMPLE}.")
+    parts = urllib.parse.urlsplit(url)
+    if "://" not in url:                              # "localhost:11434/api/chat" parses as scheme "localhost"
+        raise JudgeURLError(f"url={url!r} does not start with http:// or https://; write the address in full, "
+                            f"{_URL_EXAMPLE}.")
+    if parts.scheme.lower() not in ("http", "https"):
+        raise JudgeURLError(f"url={url!r} uses the scheme {parts.scheme!r}; the judge client speaks http:// and "
+                            f"https:// only, {_URL_EXAMPLE}.")
+    if not parts.hostname:
+        raise JudgeURLError(f"url={url!r} names no host; {_URL_EXAMPLE}.")
+    try:
+        parts.port
+    except ValueError:
+        raise JudgeURLError(f"url={url!r} has a port that is not a number from 1 to 65535; {_URL_EXAMPLE}.") from None
+    if parts.username is not None or parts.password is not None:
+        raise JudgeURLError(f"url={url!r} holds a user name or password, which the client does not send; pass a key "
+                            "as api_key= instead.")
+    if parts.path in ("", "/"):
+        raise JudgeURLError(f"url={url!r} has no path: Ollama's chat endpoint is /api/chat, an OpenAI-compatible "
+                            f"server's /v1/chat/completions; {_URL_EXAMPLE}.")
+    return parts
 
 def _judge_api(url: str, api: str | None) -> str:
     if api is None:
-        path = urllib.parse.urlparse(url).path.rstrip("/")
+        path = urllib.parse.urlsplit(url).path.rstrip("/")
         api = "openai" if path.endswith("/chat/completions") else "ollama"
     if api not in ("ollama", "openai"):
         raise ValueError(f"api={api!r}: use 'ollama' (POST /api/chat) or 'openai' (POST /v1/chat/completions).")
     return api
 
-class _IncompleteReply(ConnectionError):
-    "A reply that stopped before its end: treated like a dropped connection (retried)."
+class _Deadline(TimeoutError):
+    "The time for this try ran out (while looking up the host, connecting, sending or reading)."
 
-def _reply_text(lines: list[bytes], api: str, url: str) -> str:
-    "Join the content of a reply: one JSON object, newline-delimited JSON chunks (Ollama) or server-sent events."
-    body = b"".join(lines).decode("utf-8", errors="replace")
+class _TLSFailure(Exception):
+    "The TLS handshake failed: wraps the ssl or socket error."
+
+def _resolve(host: str, port: int, deadline: float) -> list:
+    "getaddrinfo, but never waiting past `deadline` (a lookup runs in a thread; a slow resolver is left behind)."
+    box = {}
+    def look_up():
+        try:
+            box["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            box["error"] = e
+    thread = threading.Thread(target=look_up, daemon=True, name="judge-dns")
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if thread.is_alive():
+        raise _Deadline(f"looking up the host {host!r} took longer than the time left")
+    if "error" in box:
+        raise box["error"]
+    return box["infos"]
+
+def _connect(host: str, port: int, tls: ssl.SSLContext | None, deadline: float) -> socket.socket:
+    """A TCP (and, with `tls`, TLS) connection to host:port, opened before `deadline`.
+
+    The one place that reaches the network: the tests check every address it is given."""
+    error = None
+    for family, kind, proto, _, address in _resolve(host, port, deadline):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Deadline(f"connecting to {host}:{port} took longer than the time left")
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(left)
+            sock.connect(address)
+        except OSError as e:                             # try the next address (IPv6, then IPv4, say)
+            sock.close()
+            error = e
+            continue
+        break
+    else:
+        raise error if error is not None else OSError(f"no address found for {host}")
+    if tls is None:
+        return sock
     try:
-        chunks = [json.loads(body)]                       # "stream": false, even if pretty-printed
-    except ValueError:
-        chunks = []
-        for line in body.splitlines():
-            line = line.strip()
-            if line.startswith("data:"):                  # OpenAI-style streaming
-                line = line[5:].strip()
-            if not line or line == "[DONE]":
-                continue
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))   # the whole handshake gets the time left
+        return tls.wrap_socket(sock, server_hostname=host)
+    except TimeoutError:
+        sock.close()
+        raise
+    except OSError as e:                                 # ssl.SSLError is an OSError too
+        sock.close()
+        raise _TLSFailure(e) from None
+
+class _DeadlineSocket:
+    """A connected socket whose every send and receive waits no longer than the time left before `deadline`.
+
+    Like a socket's own makefile, the real socket closes once the connection and the reader are both closed
+    (http.client hands the reader to the response and may close the connection first)."""
+    def __init__(self, sock, deadline: float):
+        self._sock, self.deadline = sock, deadline
+        self._readers, self._closed = 0, False
+
+    def _arm(self):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _Deadline("the whole reply did not arrive in the time given")
+        self._sock.settimeout(left)
+
+    def sendall(self, data):
+        self._arm()
+        self._sock.sendall(data)
+
+    def recv_into(self, buffer, nbytes=0):
+        self._arm()                                      # checked on every read, however few bytes arrive
+        return self._sock.recv_into(buffer, nbytes)
+
+    def makefile(self, mode="rb", *args, **kwargs):     # what http.client reads the status, headers and body from
+        self._readers += 1
+        return io.BufferedReader(_DeadlineReader(self))
+
+    def _release(self):
+        if self._closed and self._readers == 0:
+            self._sock.close()
+
+    def close(self):
+        self._closed = True
+        self._release()
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, sock: _DeadlineSocket):
+        self._s = sock
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        return self._s.recv_into(buffer)
+
+    def close(self):
+        if not self.closed:
+            self._s._readers -= 1
+            self._s._release()
+        super().close()
+
+class _JudgeConnection(http.client.HTTPConnection):
+    "One HTTP(S) connection for one try: opened by `_connect`, every wait bounded by `deadline`."
+    def __init__(self, target, tls, deadline: float, url: str, model: str):
+        port = target.port or (443 if tls is not None else 80)
+        super().__init__(target.hostname, port)
+        self._tls, self._deadline, self._url, self._model = tls, deadline, url, model
+
+    def connect(self):
+        where = f"{self.host}:{self.port}"
+        try:
+            sock = _connect(self.host, self.port, self._tls, self._deadline)
+        except TimeoutError:
+            raise
+        except _TLSFailure as e:
+            raise JudgeTLSError(
+                f"the https handshake with {where} failed ({e.args[0]}): the server's certificate is "
+                f"not trusted, or the server does not speak https. If the judge serves plain http, write url= with "
+                f"http://; if its certificate comes from your own authority, pass "
+                f"ssl_context=ssl.create_default_context(cafile=...).") from None
+        except ConnectionRefusedError:
+            raise JudgeUnavailableError(
+                f"no judge answers at {self._url} (connection to {where} refused: nothing listens there). Start one: "
+                f"install Ollama (https://ollama.com), run `ollama serve` and `ollama pull {self._model}`; or pass "
+                f"url= of a server that has the model.") from None
+        except socket.gaierror as e:
+            raise JudgeUnavailableError(
+                f"the host {self.host!r} in url={self._url!r} cannot be found ({e.strerror or e}); check the "
+                f"spelling of url= and the network.") from None
+        except OSError as e:
+            raise JudgeUnavailableError(
+                f"cannot reach {where} for url={self._url!r} ({e.strerror or e}); check url= and the network "
+                f"(a firewall, a VPN, a machine that is off).") from None
+        self.sock = _DeadlineSocket(sock, self._deadline)
+
+class _Retry(Exception):
+    "A failure worth another try: kind is timeout, connection, incomplete, 429 or 5xx; wait is a Retry-After."
+    def __init__(self, kind: str, detail: str, wait: float | None = None):
+        super().__init__(detail)
+        self.kind, self.detail, self.wait = kind, detail, wait
+
+class _ReplyAssembler:
+    """Builds a reply from its bytes as they arrive: one JSON object per line (Ollama), server-sent events
+    (OpenAI's `data: ...`), or one JSON object, pretty-printed or not. Knows when each protocol says it is done."""
+    def __init__(self, api: str, url: str):
+        self.api, self.url = api, url
+        self.raw, self.pending = bytearray(), bytearray()
+        self.whole = False             # True once the body is known to be one JSON value, not a stream of lines
+        self.parts, self.chunks = [], 0
+        self.finished = False          # the protocol's own end arrived: done: true, [DONE], or a whole object
+        self.stop_reason = None        # Ollama's done_reason, OpenAI's finish_reason
+
+    def feed(self, data: bytes):
+        self.raw += data
+        if self.whole:
+            return
+        self.pending += data
+        while not self.finished:
+            cut = self.pending.find(b"\n")
+            if cut < 0:
+                break
+            line = bytes(self.pending[:cut])
+            del self.pending[:cut + 1]
+            if not self._line(line):
+                self.whole = True      # e.g. "{" of a pretty-printed object: parse the body at the end
+                return
+
+    def _line(self, raw: bytes) -> bool:
+        "Read one line of a stream; False when it is not one and nothing was read yet (then it is a whole body)."
+        text = raw.decode("utf-8", errors="replace").strip()
+        if not text or text.startswith(":") or text.startswith(("event:", "id:", "retry:")):
+            return True                # blank, an SSE comment or an SSE field we do not need
+        if text.startswith("data:"):
+            text = text[5:].strip()
+            if text == "[DONE]":
+                self.finished = True
+                return True
+        try:
+            value = json.loads(text)
+        except ValueError:
+            if self.chunks == 0:
+                return False
+            raise self._not_json(text) from None
+        self._chunk(value)
+        return True
+
+    def _not_json(self, text: str) -> JudgeReplyError:
+        return JudgeReplyError(f"the reply from {self.url} is not JSON ({text[:80]!r}...): is url= the chat endpoint "
+                               "of an Ollama or OpenAI-compatible server? Check url= (and api=).")
+
+    def _chunk(self, value):
+        if not isinstance(value, dict):
+            raise JudgeReplyError(f"the reply from {self.url} holds a JSON {type(value).__name__}, not an object: "
+                                  "is url= the chat endpoint (/api/chat or /v1/chat/completions)?")
+        error = value.get("error")
+        if error:
+            if isinstance(error, dict):                  # OpenAI: {"error": {"message": ...}}
+                error = error.get("message") or error
+            raise JudgeServerError(f"the judge at {self.url} reported an error instead of a reply: {str(error)[:200]}")
+        self.chunks += 1
+        if self.api == "ollama":
+            message = value.get("message")
+            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(content, str) and not value.get("done"):
+                raise JudgeReplyError(f"the reply from {self.url} has no message.content: is url= Ollama's chat "
+                                      "endpoint /api/chat (not /api/generate)?")
+            self.parts.append(content or "")
+            if value.get("done"):
+                self.finished, self.stop_reason = True, value.get("done_reason")
+            return
+        choices = value.get("choices")
+        if not isinstance(choices, list):
+            raise JudgeReplyError(f"the reply from {self.url} has no 'choices': is url= an OpenAI-compatible "
+                                  "/v1/chat/completions endpoint? (For Ollama's /api/chat pass api='ollama'.)")
+        if not choices:                                  # e.g. a final chunk that only reports token usage
+            return
+        choice = choices[0] if isinstance(choices[0], dict) else {}
+        whole = isinstance(choice.get("message"), dict)  # a reply sent in one piece
+        piece = choice.get("message") if whole else choice.get("delta")
+        self.parts.append((piece or {}).get("content") or "")
+        if choice.get("finish_reason"):
+            self.stop_reason = choice["finish_reason"]
+        self.finished = self.finished or whole
+
+    def text(self) -> str:
+        "The reply's text, once the body has ended; raises if the protocol never said it was complete."
+        if not self.whole and not self.finished and self.pending.strip():
+            self.whole = not self._line(bytes(self.pending))   # a last line without its newline
+        if self.whole:
             try:
-                chunks.append(json.loads(line))
+                value = json.loads(bytes(self.raw).decode("utf-8", errors="replace"))
             except ValueError:
-                raise JudgeError(f"the reply from {url} is not JSON ({line[:80]!r}...): is this the chat endpoint of "
-                                 "an Ollama or OpenAI-compatible server? Check url= (and api=).") from None
-    parts, finished = [], False
-    for chunk in chunks:
-        if not isinstance(chunk, dict):
-            raise JudgeError(f"the reply from {url} holds {type(chunk).__name__}, not a JSON object; check url=.")
-        if chunk.get("error"):
-            raise JudgeError(f"the judge at {url} reported an error: {chunk['error']}")
-        if api == "ollama":
-            parts.append((chunk.get("message") or {}).get("content") or "")
-            finished = finished or bool(chunk.get("done"))
-        else:
-            for choice in (chunk.get("choices") or [])[:1]:
-                parts.append((choice.get("message") or choice.get("delta") or {}).get("content") or "")
-                finished = True
-    if not finished:                                       # hung up before the last chunk: retried by query_model
-        raise _IncompleteReply(f"the reply from {url} ended before it was complete ({len(chunks)} chunks, "
-                               f"no {'done: true' if api == 'ollama' else 'choices'})")
-    return "".join(parts)
+                raise self._not_json(bytes(self.raw[:80]).decode("utf-8", errors="replace").strip()) from None
+            self.parts, self.chunks = [], 0
+            self._chunk(value)
+        openai_ended = self.api == "openai" and self.stop_reason is not None    # a stream without [DONE]
+        if not (self.finished or openai_ended):
+            end = "done: true" if self.api == "ollama" else "[DONE] or a finish_reason"
+            raise _Retry("incomplete", f"the reply from {self.url} ended before it was complete ({self.chunks} "
+                                       f"chunk{'' if self.chunks == 1 else 's'}, no {end}; text so far "
+                                       f"{''.join(self.parts)[:40]!r})")
+        if self.stop_reason in ("length", "content_filter"):
+            raise JudgeReplyError(f"the judge at {self.url} stopped its reply early ({self.stop_reason!r}): the "
+                                  f"text {''.join(self.parts)[:60]!r} is not a whole reply. Give the judge more room "
+                                  "(num_ctx=, or the server's token limit) or a shorter prompt.")
+        return "".join(self.parts)
 
-def _http_detail(e: urllib.error.HTTPError) -> str:
-    "The server's own words for an HTTP error: the JSON `error` field Ollama and OpenAI send, else the status text."
+def _read_reply(resp, api: str, url: str, max_bytes: int) -> str:
+    "Read a 2xx reply until its protocol says it is complete, never more than `max_bytes`."
+    too_big = (f"the reply from {url} is larger than max_bytes={max_bytes:,} bytes, far more than a score needs; "
+               "is url= a judge's chat endpoint? (Raise max_bytes= only for a judge that must write long replies.)")
+    length = (resp.getheader("Content-Length") or "").strip()
+    if length.isdigit() and int(length) > max_bytes:
+        raise JudgeReplyError(too_big + f" It announced {int(length):,} bytes.")
+    reply, total = _ReplyAssembler(api, url), 0
+    while not reply.finished:
+        data = resp.read1(2 ** 16)
+        if not data:
+            break
+        total += len(data)
+        if total > max_bytes:
+            raise JudgeReplyError(too_big)
+        reply.feed(data)
+    return reply.text()
+
+def _error_detail(resp) -> str:
+    "The server's own words for an HTTP error (the JSON `error` field Ollama and OpenAI send), read with a cap."
+    data = bytearray()
     try:
-        error = json.loads(e.read().decode("utf-8")).get("error")
-    except (ValueError, AttributeError, OSError):
+        while len(data) < _MAX_ERROR_BYTES:
+            more = resp.read1(_MAX_ERROR_BYTES - len(data))
+            if not more:
+                break
+            data += more
+    except (OSError, http.client.HTTPException):        # a slow or dropped error page: its status is enough
+        pass
+    text = bytes(data).decode("utf-8", errors="replace").strip()
+    try:
+        error = json.loads(text).get("error")
+    except (ValueError, AttributeError):
         error = None
-    if isinstance(error, dict):                            # OpenAI: {"error": {"message": ...}}
+    if isinstance(error, dict):                          # OpenAI: {"error": {"message": ...}}
         error = error.get("message")
-    return str(error)[:200] if error else str(e.reason)
+    if error:
+        return str(error)[:200]
+    if text and "<" not in text[:1]:                     # short plain text, not an HTML page
+        return text.splitlines()[0][:200]
+    return str(resp.reason or "no reason given")
+
+def _retry_after(value: str | None) -> float | None:
+    "Seconds to wait from a Retry-After header (a number of seconds or an HTTP date); None if absent or unreadable."
+    value = (value or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+def _post_once(target, data: bytes, headers: dict, api: str, deadline: float, max_bytes: int, tls,
+               url: str, model: str) -> str:
+    "One try: POST, then read the whole reply. Raises _Retry for what another try may fix, a JudgeError otherwise."
+    conn = _JudgeConnection(target, tls, deadline, url, model)
+    path = (target.path or "/") + (f"?{target.query}" if target.query else "")
+    resp = None
+    try:
+        try:
+            conn.request("POST", path, body=data, headers=headers)
+            resp = conn.getresponse()
+            if 200 <= resp.status < 300:
+                return _read_reply(resp, api, url, max_bytes)
+            status, headers_in, detail = resp.status, resp.headers, _error_detail(resp)
+        except (JudgeError, _Retry):
+            raise
+        except TimeoutError as e:
+            raise _Retry("timeout", str(e) or "timed out") from None
+        except (OSError, http.client.HTTPException) as e:    # reset, hung up, a broken status line
+            raise _Retry("connection", f"{type(e).__name__}: {e}") from None
+    finally:
+        if resp is not None:
+            resp.close()
+        conn.close()
+    if 300 <= status < 400:
+        location = headers_in.get("Location")
+        if not location:
+            raise JudgeRedirectError(f"the judge at {url} answered HTTP {status}, a redirect without a Location; the "
+                                     "client follows no redirects: check url=.")
+        where = urllib.parse.urljoin(url, location)
+        raise JudgeRedirectError(
+            f"the judge at {url} answered HTTP {status}, a redirect to {where}. The client follows no redirects: the "
+            f"request, and any api_key, go to url= and nowhere else. If that address is the judge, pass url={where!r}.")
+    if status in (401, 403):
+        raise JudgeError(f"the judge server at {url} refused the request: HTTP {status} ({detail}); it wants a "
+                         "valid key: pass api_key= (sent as 'Authorization: Bearer ...' to this host only).")
+    if status == 404:
+        if "model" in detail.lower():
+            how = (f"pull it first: `ollama pull {model}` (`ollama list` shows what is there), or pass model="
+                   if api == "ollama" else "check model= (the server lists its models at /v1/models)")
+        else:
+            how = ("check the path of url=: Ollama's chat endpoint is /api/chat, an OpenAI-compatible server's "
+                   f"/v1/chat/completions; if the path is right, the model may be missing: `ollama pull {model}`")
+        raise JudgeModelNotFoundError(f"the judge server at {url} answered 404 for model {model!r} ({detail}); "
+                                      f"{how}.")
+    if status == 429:
+        raise _Retry("429", f"HTTP 429: {detail}", _retry_after(headers_in.get("Retry-After")))
+    if status >= 500:
+        wait = _retry_after(headers_in.get("Retry-After")) if status == 503 else None
+        raise _Retry("5xx", f"HTTP {status}: {detail}", wait)
+    raise JudgeError(f"the judge server at {url} rejected the request: HTTP {status} ({detail}); check model=, "
+                     "api= and url=.")
+
+def _gave_up(failure: _Retry, url: str, tries: int, timeout: float) -> JudgeError:
+    "The error for a failure that the last allowed try did not fix."
+    detail, n = failure.detail, f"{tries} tr{'y' if tries == 1 else 'ies'}"
+    if failure.kind == "timeout":
+        return JudgeTimeoutError(
+            f"the judge at {url} did not deliver a whole reply within timeout={timeout} s ({n}; last: {detail}). A "
+            "first request to Ollama also loads the model, which can take minutes: raise timeout=, or check the "
+            "server.")
+    if failure.kind == "429":
+        return JudgeRateLimitError(
+            f"the judge at {url} is limiting requests ({detail}) and still was after {n}; wait, then run again (with "
+            "results_path= a run resumes where it stopped), or allow more retries= and a larger timeout=.")
+    if failure.kind == "incomplete":
+        return JudgeReplyError(f"{detail}, on {n}: a reply cut short is not a score. Check the server's log (or a "
+                               "proxy in between), then run again.")
+    if failure.kind == "5xx":
+        return JudgeServerError(f"the judge server at {url} failed on {n} (last: {detail}); check its log (for "
+                                "Ollama, the terminal or service it runs in), then run again.")
+    return JudgeServerError(f"the connection to {url} was lost before a whole reply on {n} (last: {detail}); "
+                            "check the server's log, then run again.")
 
 def query_model(prompt: str, model: str = "llama3", url: str = OLLAMA_URL, *, api: str | None = None,
                 seed: int = 123, temperature: float = 0.0, num_ctx: int = 2048, timeout: float = 120.0,
-                retries: int = 2, backoff: float = 1.0, stream: bool | None = None, api_key: str | None = None) -> str:
+                retries: int = 2, backoff: float = 1.0, stream: bool | None = None, api_key: str | None = None,
+                max_bytes: int = MAX_REPLY_BYTES, ssl_context: ssl.SSLContext | None = None) -> str:
     """Send `prompt` to a chat model over HTTP and return its whole reply (defined in part 26).
 
     Speaks Ollama's `/api/chat` (streamed newline-delimited JSON by default, or one object with `stream=False`)
     or, when the url ends in `/chat/completions` or `api="openai"`, the OpenAI-compatible protocol that llama.cpp,
-    vLLM and LM Studio serve. Uses only the standard library. A reply must finish within `timeout` seconds;
-    timeouts, dropped connections and 5xx/429 answers are retried `retries` times, waiting `backoff`, then
-    twice that, and so on. Nothing listening raises `JudgeUnavailableError` at once, a missing model
-    `JudgeModelNotFoundError` (HTTP 404), a reply that never completes `JudgeTimeoutError`.
+    vLLM and LM Studio serve (one object, or server-sent events with `stream=True`). Standard library only.
+
+    Each try must deliver its whole reply, as its protocol marks it complete (Ollama's `done: true`, OpenAI's
+    `[DONE]` or `finish_reason`), within `timeout` seconds however the bytes arrive, and at most `max_bytes`.
+    Timeouts, dropped connections, replies cut short, 5xx and 429 are tried again, up to `retries` more times,
+    waiting `backoff` seconds, then twice that, and so on, or what a 429/503's Retry-After asks; the whole call,
+    waits included, ends within (retries + 1) * timeout seconds. Redirects are never followed, so the request
+    and `api_key` go to `url` only. Each failure has its own `JudgeError` subclass and message: `JudgeURLError`,
+    `JudgeUnavailableError`, `JudgeTLSError`, `JudgeRedirectError`, `JudgeModelNotFoundError` (404),
+    `JudgeRateLimitError` (429), `JudgeServerError` (5xx), `JudgeTimeoutError`, `JudgeReplyError`.
     """
+    target = _judge_target(url)
     api = _judge_api(url, api)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"timeout={timeout!r}: pass the seconds a whole reply may take, a positive number.")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries={retries!r}: pass how many extra tries to allow, an integer >= 0.")
+    if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or not 0 <= backoff < math.inf:
+        raise ValueError(f"backoff={backoff!r}: pass the first wait between tries in seconds, a number >= 0.")
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+        raise ValueError(f"max_bytes={max_bytes!r}: pass the largest reply to accept, a positive integer.")
     messages = [{"role": "user", "content": prompt}]
     if api == "ollama":
         payload = {"model": model, "messages": messages,
@@ -164,49 +570,36 @@ def query_model(prompt: str, model: str = "llama3", url: str = OLLAMA_URL, *, ap
     else:
         payload = {"model": model, "messages": messages, "seed": seed, "temperature": temperature,
                    "stream": bool(stream)}
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", "Connection": "close"}
     if api_key:
+        if any(ord(c) < 32 or ord(c) == 127 for c in str(api_key)):
+            raise ValueError("api_key holds a line break or another control character (a copy-paste slip?); pass "
+                             "the key alone.")                       # never echo the key itself
         headers["Authorization"] = f"Bearer {api_key}"
     data = json.dumps(payload).encode("utf-8")
-    last = None
+    tls = (ssl_context or ssl.create_default_context()) if target.scheme.lower() == "https" else None
+    end = time.monotonic() + timeout * (retries + 1)   # the whole call, waits included
+    failure, tries = None, 0
     for attempt in range(retries + 1):
         if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
-        request = urllib.request.Request(url, data=data, headers=headers, method="POST")
-        deadline = time.monotonic() + timeout
+            wait = failure.wait if failure.wait is not None else backoff * 2 ** (attempt - 1)
+            left = end - time.monotonic()
+            if wait >= left:                             # the wait would use up the time: stop now, not later
+                if failure.wait is not None:
+                    cls = JudgeRateLimitError if failure.kind == "429" else JudgeServerError
+                    raise cls(f"the judge at {url} answered {failure.detail} and asks to wait {failure.wait:.0f} s "
+                              f"(Retry-After), more than the {max(left, 0):.1f} s left of this call (timeout="
+                              f"{timeout} s for each of {retries + 1} tries); wait that long and run again, or pass "
+                              "a larger timeout=.")
+                break
+            time.sleep(wait)
+        tries += 1
         try:
-            with _urlopen(request, timeout=timeout) as resp:
-                lines = []
-                for line in resp:                          # a stalled stream times out per read; a slow one here
-                    lines.append(line)
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"the reply took longer than {timeout} s")
-            return _reply_text(lines, api, url)
-        except urllib.error.HTTPError as e:
-            detail = _http_detail(e)
-            if e.code == 404:
-                how = (f"pull it first: `ollama pull {model}` (`ollama list` shows what is there), or pass model="
-                       if api == "ollama" else "check model= and the url's path (/v1/chat/completions)")
-                raise JudgeModelNotFoundError(f"the judge server at {url} answered 404 for model {model!r} "
-                                              f"({detail}); {how}.") from None
-            if e.code == 429 or e.code >= 500:
-                last = f"HTTP {e.code}: {detail}"
-                continue
-            raise JudgeError(f"the judge server at {url} refused the request: HTTP {e.code}: {detail}") from None
-        except (TimeoutError, socket.timeout) as e:
-            last = f"timed out ({e})"
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                last = f"timed out ({e.reason})"
-                continue
-            raise JudgeUnavailableError(
-                f"no judge answers at {url} ({e.reason}). Start one: install Ollama (https://ollama.com), run "
-                f"`ollama serve` and `ollama pull {model}`; or pass url= of a server that has the model.") from None
-        except (ConnectionError, http.client.HTTPException) as e:       # reset, dropped, incomplete reply
-            last = f"connection lost ({type(e).__name__}: {e})"
-    kind = JudgeTimeoutError if last and last.startswith("timed out") else JudgeError
-    raise kind(f"the judge at {url} gave no complete reply after {retries + 1} tries (last: {last}); "
-               f"try a larger timeout= or retries=, or check the server.")
+            return _post_once(target, data, headers, api, min(time.monotonic() + timeout, end), max_bytes, tls,
+                              url, model)
+        except _Retry as e:
+            failure = e
+    raise _gave_up(failure, url, tries, timeout)
 
 # %% ../nbs/26_evaluation.ipynb #c4b1feeb
 def _check_judge_data(json_data, json_key: str) -> list:
@@ -228,33 +621,62 @@ def _check_judge_data(json_data, json_key: str) -> list:
 def _prompt_id(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
 
+_RESULTS_FORMAT = "llm_from_scratch judge results"   # the first line of every results file says this
+
+def _results_header(run: dict) -> dict:
+    return {"format": _RESULTS_FORMAT, "version": 1, "run": run}
+
+def _is_results_header(value) -> bool:
+    "A first line written by generate_model_scores (or by its first version, which wrote only the run)."
+    if not isinstance(value, dict) or not isinstance(value.get("run"), dict):
+        return False
+    return value.get("format") == _RESULTS_FORMAT or set(value) == {"run"}
+
 def _read_results(path: Path, run: dict, prompt_ids: list[str]) -> dict[int, dict]:
-    "Records already in a results file; a half-written last line (a run killed mid-write) is cut off."
+    """The records already in a results file of this run. Anything else is refused before the file is touched;
+    only a file recognised as this run's has a half-written last line (a run killed mid-write) cut off."""
     if not path.exists():
         return {}
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):                     # the last write did not finish: drop it
-        raw = raw[: raw.rfind(b"\n") + 1]
-        with open(path, "r+b") as f:
-            f.truncate(len(raw))
-    lines = raw.decode("utf-8").splitlines()
-    how = f"Delete {path} to start again, or pass another results_path."
-    if not lines:
-        return {}
+    other = path.with_name(f"{path.stem}-scores.jsonl")
+    if not path.is_file():
+        raise JudgeResultsFileError(f"results_path={str(path)!r} is not a regular file (a folder?); pass the path "
+                                    f"of a results file, e.g. {str(other)!r}.")
+    with open(path, "rb") as f:
+        first = f.readline(2 ** 16)                       # a header is short: never read a big stranger whole
+    if not first:
+        return {}                                         # empty: created, then killed before its header
     try:
-        records = [json.loads(line) for line in lines]
+        header = json.loads(first.decode("utf-8")) if first.endswith(b"\n") else None
     except ValueError:
-        raise JudgeError(f"{path} is not a results file written by generate_model_scores. {how}") from None
-    if records[0].get("run") != run:
-        raise JudgeError(f"{path} holds scores of another run ({records[0].get('run')}), not {run}. {how}")
+        header = None
+    if not _is_results_header(header):
+        raise JudgeResultsFileError(
+            f"{path} is not a results file of generate_model_scores (its first line is not one), so it was left "
+            f"untouched. results_path= is where scores are written: pass a new file, e.g. {str(other)!r}; the "
+            "answers to score go in json_data.")
+    how = f"{path} was left untouched; pass another results_path= to score again, or delete it if you do not need it."
+    if header["run"] != run:
+        raise JudgeResultsFileError(f"{path} holds scores of another run ({header['run']}), not {run}. {how}")
+    raw = path.read_bytes()[len(first):]
+    complete = raw.rfind(b"\n") + 1                      # bytes up to the last whole line
     done = {}
-    for rec in records[1:]:
-        i = rec.get("index")
-        if not isinstance(i, int) or not 0 <= i < len(prompt_ids) or i in done:
-            raise JudgeError(f"{path} has a bad or repeated index {i!r}. {how}")
+    for number, line in enumerate(raw[:complete].split(b"\n")[:-1], start=2):
+        try:
+            rec = json.loads(line.decode("utf-8"))
+        except ValueError:
+            raise JudgeResultsFileError(f"{path}, line {number}, is not a JSON record (edited by hand?). {how}") from None
+        i = rec.get("index") if isinstance(rec, dict) else None
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(prompt_ids) or i in done:
+            raise JudgeResultsFileError(f"{path}, line {number}, has a bad or repeated index {i!r}. {how}")
+        score = rec.get("score")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, int) or not 0 <= score <= 100):
+            raise JudgeResultsFileError(f"{path}, line {number}, has score {score!r}, not an integer 0-100 or null. {how}")
         if rec.get("prompt_id") != prompt_ids[i]:
-            raise JudgeError(f"{path}: entry {i} was scored with a different prompt; the data changed. {how}")
+            raise JudgeResultsFileError(f"{path}: entry {i} was scored with a different prompt; the data changed. {how}")
         done[i] = rec
+    if complete < len(raw):                               # recognised, checked: now the repair is safe
+        with open(path, "r+b") as f:
+            f.truncate(len(first) + complete)
     return done
 
 def _append_record(path: Path, record: dict) -> None:
@@ -272,11 +694,15 @@ def generate_model_scores(json_data, json_key: str, model: str = "llama3", *, ur
     A reply without a single valid 0-100 integer gives None: it is kept in its place and counted, never scored
     as 0 and never dropped (so the scores still line up with the entries). With `results_path`, every reply is
     appended to that JSON-lines file as it arrives, and a rerun skips the entries already there: an interrupted
-    run resumes where it stopped, without duplicates. `query_kwargs` go to `query_model` (api, timeout,
-    retries, backoff, seed, temperature, num_ctx, ...). A judge that cannot be reached stops the run with
+    run resumes where it stopped, without duplicates. A file that is not a results file of this run (another
+    model, key or data, or not a results file at all, such as part 25's answers) is refused with
+    `JudgeResultsFileError` before it is touched. `query_kwargs` go to `query_model` (api, timeout, retries,
+    backoff, seed, temperature, num_ctx, api_key, ...). A judge that cannot be reached stops the run with
     `query_model`'s error; the replies so far stay in the file.
     """
     data = _check_judge_data(json_data, json_key)
+    _judge_target(url)                                    # a bad url= is refused before any file is written
+    _judge_api(url, query_kwargs.get("api"))
     prompts = [judge_prompt(entry, json_key) for entry in data]
     ids = [_prompt_id(p) for p in prompts]
     run = {"json_key": json_key, "model": model, "n": len(data)}
@@ -286,7 +712,7 @@ def generate_model_scores(json_data, json_key: str, model: str = "llama3", *, ur
         path.parent.mkdir(parents=True, exist_ok=True)
         done = _read_results(path, run, ids)
         if not path.exists() or path.stat().st_size == 0:
-            _append_record(path, {"run": run})
+            _append_record(path, _results_header(run))
     scores = {i: rec["score"] for i, rec in done.items()}
     unscored = sum(s is None for s in scores.values())
     todo = [i for i in range(len(data)) if i not in done]

@@ -6,7 +6,6 @@ import math
 import socket
 import threading
 import time
-import urllib.parse
 
 import pytest
 
@@ -19,14 +18,13 @@ from llm_from_scratch.evaluate import (JudgeError, JudgeInputError, JudgeModelNo
 
 @pytest.fixture(autouse=True)
 def _loopback_only(monkeypatch):
-    """Every request the client makes must go to 127.0.0.1: fail the test otherwise, before anything is sent."""
-    real = evaluate._urlopen
+    """Every connection the client opens must go to 127.0.0.1: fail the test otherwise, before anything is sent."""
+    real = evaluate._connect
 
-    def guarded(request, *args, **kwargs):
-        host = urllib.parse.urlparse(request.full_url).hostname
+    def guarded(host, port, *args, **kwargs):
         assert host == "127.0.0.1", f"the judge client tried to reach {host}"
-        return real(request, *args, **kwargs)
-    monkeypatch.setattr(evaluate, "_urlopen", guarded)
+        return real(host, port, *args, **kwargs)
+    monkeypatch.setattr(evaluate, "_connect", guarded)
 
 
 class _Judge(http.server.BaseHTTPRequestHandler):
@@ -152,7 +150,7 @@ def test_scores_from_real_replies(judge, reply, expected):
 def test_slow_reply_times_out_after_retries(judge):
     judge.set(behaviour="slow", delay=1.0)
     t0 = time.monotonic()
-    with pytest.raises(JudgeTimeoutError, match="no complete reply after 2 tries"):
+    with pytest.raises(JudgeTimeoutError, match=r"whole reply within timeout=0.2 s \(2 tries"):
         query_model("hello", url=judge.url, timeout=0.2, retries=1, backoff=0.0)
     assert len(judge.requests) == 2 and time.monotonic() - t0 < 5
 
@@ -236,7 +234,7 @@ def test_server_that_dies_mid_run_resumes_on_another(make_judge, tmp_path):
     first.set(behaviour=lambda n, body: "ok" if n <= k else "die")
     with pytest.raises(JudgeUnavailableError):
         generate_model_scores(data, "model_response", url=first.url, results_path=path, progress=False,
-                              backoff=0.01)
+                              backoff=0.01, timeout=5)
     assert len(first.requests) == k + 1                    # k answered, then the one it died on
     second = make_judge()
     assert generate_model_scores(data, "model_response", url=second.url, results_path=path,
@@ -286,7 +284,10 @@ def test_judge_prompt_holds_task_reference_and_answer():
     entry = {"instruction": "Name a colour.", "input": "", "output": "Blue.", "model 1 response": "Red."}
     prompt = judge_prompt(entry, "model 1 response")
     assert "Name a colour." in prompt and "Blue." in prompt and "Red." in prompt
-    assert "0 to 100" in prompt and "integer number only" in prompt
+    assert "0 for useless, 100 for perfect" in prompt and "nothing else" in prompt
+    # the course's own request, not the book's sentence
+    assert "on a scale from 0 to 100, where 100 is the best score" not in prompt
+    assert "Respond with the integer number only" not in prompt
 
 
 @pytest.mark.parametrize("reply, expected", [
