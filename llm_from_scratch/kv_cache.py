@@ -13,7 +13,7 @@ __all__ = ['KVCacheError', 'KVCache', 'supports_kv_cache', 'cached_forward', 'Ca
 
 # %% ../nbs/27_whats_next.ipynb #3405df05
 class KVCacheError(ValueError):
-    """Raised when a model cannot decode with a KV cache (defined in part 27)."""
+    """Raised when a model, a cache and a batch do not fit together for cached decoding (defined in part 27)."""
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far (defined in part 27).
@@ -21,7 +21,8 @@ class KVCache:
     Layer `i` keeps `keys[i]` and `values[i]`, each `(B, n_heads, capacity, head_dim)`, filled up to
     `length`. The buffers are allocated once, so a new token is written in place instead of copying the
     whole history with `torch.cat` at every step. `update` writes one layer; `cached_forward` advances
-    `length` once every layer has been written."""
+    `length` once every layer has been written. A cache serves one batch of `batch_size` sequences.
+    """
     def __init__(self, n_layers: int, batch_size: int, n_heads: int, head_dim: int, capacity: int, *,
                  device=None, dtype=torch.float32):
         for name, v in (("n_layers", n_layers), ("batch_size", batch_size), ("n_heads", n_heads),
@@ -31,22 +32,39 @@ class KVCache:
         shape = (batch_size, n_heads, capacity, head_dim)
         self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.batch_size, self.n_heads, self.head_dim = batch_size, n_heads, head_dim
         self.capacity, self.length = capacity, 0
 
     @classmethod
     def for_model(cls, model: GPTModel, batch_size: int, capacity: int | None = None) -> "KVCache":
-        "An empty cache shaped for `model`; `capacity` defaults to its context length."
+        "An empty cache shaped for `model`, on its device and in its dtype; `capacity` defaults to its context length."
+        if not isinstance(model, GPTModel):
+            raise KVCacheError(f"KVCache.for_model: expected the course's GPTModel, got {type(model).__name__}; the "
+                               "cache takes its shape from GPTModel's config, so decode this model without a cache "
+                               "(generate(..., use_cache=False)).")
         cfg = model.cfg
         capacity = cfg["context_length"] if capacity is None else capacity
-        if capacity > cfg["context_length"]:
-            raise KVCacheError(f"KVCache: capacity={capacity} exceeds the model's context_length "
-                               f"{cfg['context_length']}; the position embedding has no row beyond it.")
+        if isinstance(capacity, int) and not isinstance(capacity, bool) and capacity > cfg["context_length"]:
+            raise KVCacheError(f"KVCache.for_model: capacity={capacity} exceeds the model's context_length "
+                               f"{cfg['context_length']} (the position embedding has no row beyond it); pass "
+                               f"capacity <= {cfg['context_length']}, or leave it None for the whole context.")
         w = model.tok_emb.weight
         return cls(cfg["n_layers"], batch_size, cfg["n_heads"], cfg["emb_dim"] // cfg["n_heads"], capacity,
                    device=w.device, dtype=w.dtype)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         "Write the new `k`, `v` (B, n_heads, T_new, head_dim) after the cached ones; return all of them so far."
+        if not 0 <= layer < len(self.keys):
+            raise KVCacheError(f"KVCache.update: layer={layer}, but this cache holds layers 0 to {len(self.keys) - 1}.")
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (self.batch_size, self.n_heads, self.head_dim):
+                raise KVCacheError(
+                    f"KVCache.update: {name} has shape {tuple(t.shape)}, but this cache holds (batch={self.batch_size}, "
+                    f"n_heads={self.n_heads}, T, head_dim={self.head_dim}); make a cache for this batch and model "
+                    "with KVCache.for_model(model, batch_size=...).")
+        if k.shape[2] != v.shape[2]:
+            raise KVCacheError(f"KVCache.update: k has {k.shape[2]} new tokens but v has {v.shape[2]}; pass both for "
+                               "the same tokens.")
         end = self.length + k.shape[2]
         if end > self.capacity:
             raise KVCacheError(f"KVCache: {end} tokens do not fit in a cache of capacity {self.capacity}; "
@@ -71,23 +89,52 @@ def supports_kv_cache(model: nn.Module) -> str | None:
                 "uncached computations")
     return None
 
+def _refusal(where: str, reason: str) -> KVCacheError:
+    "The error for a model the cache cannot serve, with the fix that fits the reason."
+    fix = ("call model.eval() first, or decode without a cache (generate(..., use_cache=False))"
+           if "training mode" in reason else "decode it without a cache (generate(..., use_cache=False))")
+    return KVCacheError(f"{where}: {reason}; {fix}.")
+
+def _check_cache(model: GPTModel, idx: torch.Tensor, cache: KVCache) -> None:
+    "Raise if `cache` was made for another model, batch size, device or dtype than `model` and `idx`."
+    cfg = model.cfg
+    want = (cfg["n_layers"], cfg["n_heads"], cfg["emb_dim"] // cfg["n_heads"])
+    have = (len(cache.keys), cache.n_heads, cache.head_dim)
+    if have != want:
+        raise KVCacheError(f"cached_forward: the cache was made for another model ({have[0]} layers, {have[1]} heads "
+                           f"of {have[2]}) than this one ({want[0]} layers, {want[1]} heads of {want[2]}); make it "
+                           "with KVCache.for_model(model, batch_size).")
+    if idx.shape[0] != cache.batch_size:
+        raise KVCacheError(f"cached_forward: idx holds {idx.shape[0]} sequences but the cache was made for a batch of "
+                           f"{cache.batch_size}; a cache serves one batch: make one with "
+                           f"KVCache.for_model(model, batch_size={idx.shape[0]}).")
+    w, buf = model.tok_emb.weight, cache.keys[0]
+    if buf.device != w.device or buf.dtype != w.dtype:
+        raise KVCacheError(f"cached_forward: the cache is {buf.dtype} on {buf.device} but the model's weights are "
+                           f"{w.dtype} on {w.device}; make the cache after moving or converting the model "
+                           "(KVCache.for_model(model, batch_size)).")
+
 @torch.no_grad()
 def cached_forward(model: GPTModel, idx: torch.Tensor, cache: KVCache, *, last_only: bool = True) -> torch.Tensor:
     """Logits for the new tokens `idx` (B, T_new), which follow the `cache.length` tokens already cached (defined in part 27).
 
     Uses the model's own layers and weights. Each new token's keys and values are appended to `cache`, and
     each new query attends to every cached key plus the new ones up to itself. Returns `(B, 1, V)` for the
-    last position (`last_only=True`: all that generation needs) or `(B, T_new, V)`.
+    last position (`last_only=True`: all that generation needs) or `(B, T_new, V)`. The cache must have been
+    made for this model and this batch (`KVCache.for_model(model, batch_size)`); `KVCacheError` says what
+    does not fit otherwise.
     """
     reason = supports_kv_cache(model)
     if reason:
-        raise KVCacheError(f"cached_forward: {reason}; call model.eval() first, or decode without a cache.")
+        raise _refusal("cached_forward", reason)
     model._check_input(idx)                       # ids in range, 2-d, not empty
+    _check_cache(model, idx, cache)
     b, t_new = idx.shape
     start = cache.length
     if start + t_new > cache.capacity:
         raise KVCacheError(f"cached_forward: {start} cached + {t_new} new tokens exceed the cache capacity "
-                           f"{cache.capacity}; past the context length recompute the last window instead.")
+                           f"{cache.capacity}; start a new cache, or decode with CachedDecoder, which recomputes "
+                           "the last window past the context length.")
     pos = torch.arange(start, start + t_new, device=idx.device)
     x = model.tok_emb(idx) + model.pos_emb(pos)                        # (B, T_new, C); drop_emb is off in eval
     for i, block in enumerate(model.trf_blocks):
@@ -116,17 +163,61 @@ class CachedDecoder:
     stays valid: the first call processes the prompt (prefill) and each later call only the new tokens.
     Once `T` is past the window, every position's embedding would shift, so the cache is useless; from
     then on each step recomputes the last `context_size` tokens, exactly what the uncached loop does.
+
+    Every call compares `idx` with the tokens already cached and keeps only their common prefix: a new
+    prompt, an edited history or the same sequence again rewinds the cache to the first token that differs
+    (counted in `rewinds`), so the result is always the uncached model's. `reset()` empties the cache. The
+    batch size is fixed at construction; a call with another raises `KVCacheError`.
     """
     def __init__(self, model: GPTModel, context_size: int, batch_size: int, max_len: int):
-        self.model, self.context_size = model, context_size
+        reason = supports_kv_cache(model)
+        if reason:
+            raise _refusal("CachedDecoder", reason)
+        for name, v in (("context_size", context_size), ("batch_size", batch_size), ("max_len", max_len)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"CachedDecoder: {name}={v!r} must be a positive int.")
+        self.model, self.context_size, self.batch_size = model, context_size, batch_size
         self.limit = min(context_size, model.cfg["context_length"])
-        self.cache = KVCache.for_model(model, batch_size, capacity=max(1, min(self.limit, max_len)))
-        self.cached_steps = self.window_steps = 0
+        self.cache = KVCache.for_model(model, batch_size, capacity=min(self.limit, max_len))
+        self.tokens = torch.zeros(batch_size, self.cache.capacity, dtype=torch.long,
+                                  device=model.tok_emb.weight.device)   # (B, capacity): the ids the cache was computed from
+        self.cached_steps = self.window_steps = self.rewinds = 0
+
+    def reset(self) -> None:
+        "Forget the cached tokens (the next call is a prefill); the counters start again from zero."
+        self.cache.length = 0
+        self.cached_steps = self.window_steps = self.rewinds = 0
+
+    def _reusable(self, idx: torch.Tensor) -> int:
+        "How many cached tokens `idx` repeats, at most all but its last token (that one must be computed)."
+        n = min(self.cache.length, idx.shape[1] - 1)
+        if n == 0:
+            return 0
+        same = (idx[:, :n] == self.tokens[:, :n]).all(dim=0)                  # (n,): every row agrees here
+        return n if bool(same.all()) else int((~same).nonzero()[0])
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        t = idx.shape[1]
-        if t <= self.cache.capacity and t > self.cache.length:
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise TypeError(f"CachedDecoder: expected the whole sequence so far as token ids (batch, num_tokens), "
+                            f"got {shape}; for one sequence use ids.unsqueeze(0).")
+        if idx.shape[0] != self.batch_size:
+            raise KVCacheError(f"CachedDecoder: made for a batch of {self.batch_size} sequences, called with "
+                               f"{idx.shape[0]}; its cache has one row per sequence, so make a new "
+                               f"CachedDecoder(model, context_size, batch_size={idx.shape[0]}, max_len=...).")
+        t, n_ctx = idx.shape[1], self.model.cfg["context_length"]
+        if t <= self.cache.capacity:
+            keep = self._reusable(idx)
+            if keep < self.cache.length:
+                self.rewinds += 1                                              # not a continuation: recompute from `keep`
+            self.cache.length = keep
+            logits = cached_forward(self.model, idx[:, keep:], self.cache)[:, -1, :]   # (B, V)
+            self.tokens[:, keep:t] = idx[:, keep:]
             self.cached_steps += 1
-            return cached_forward(self.model, idx[:, self.cache.length:], self.cache)[:, -1, :]   # (B, V)
+            return logits
+        if t > n_ctx and self.context_size > n_ctx:
+            raise KVCacheError(f"CachedDecoder: the sequence has {t} tokens and context_size={self.context_size} "
+                               f"would feed more of them than the model's context_length is {n_ctx} allows; pass "
+                               f"context_size={n_ctx} or less.")
         self.window_steps += 1
         return self.model(idx[:, -self.context_size:])[:, -1, :]                                  # (B, V)

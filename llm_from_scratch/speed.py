@@ -107,7 +107,6 @@ def make_fast(model: GPTModel, *, pad_vocab_multiple: int | None = 64, tie_weigh
         raise TypeError(f"make_fast: expected a GPTModel, got {type(model).__name__}.")
     fast = FastGPTModel(model.cfg, pad_vocab_multiple=pad_vocab_multiple, tie_weights=tie_weights, use_sdpa=use_sdpa)
     fast.to(model.tok_emb.weight.device)
-    vocab = model.cfg["vocab_size"]
     src, dst = model.state_dict(), fast.state_dict()
     with torch.no_grad():
         for key, t in src.items():
