@@ -120,21 +120,22 @@ def check_instruction_data(data, name: str = "the data set", *, need_output: boo
         _check_entry(entry, where=f"example {i} of {name}", need_output=need_output)
     return list(data)
 
-def _read_json_file(path, error: type, fix: str):
-    """The parsed JSON in `path`; anything that stops that raises `error` naming the file, the problem and `fix`."""
+def _read_json_file(path, error: type, fix: str, missing: str = "check the path."):
+    """The parsed JSON in `path`; anything that stops that raises `error` naming the file, the problem and `fix`
+    (`missing` when there is no such file)."""
     path = Path(path)
     if path.is_dir():
-        raise error(f"{path} is a folder, not a file; {fix}")
+        raise error(f"{path} is a folder, not a file; pass the path of a JSON file inside it.")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise error(f"{path} does not exist; {fix}") from None
+        raise error(f"{path} does not exist; {missing}") from None
     except OSError as e:
         raise error(f"{path} cannot be read ({e.strerror or e}); {fix}") from e
     try:
         text = raw.decode("utf-8-sig")                      # a UTF-8 byte-order mark is harmless
     except UnicodeDecodeError as e:
-        raise error(f"{path} is not UTF-8 text (byte {e.start} is {raw[e.start]:#04x}); save it as UTF-8: {fix}") from None
+        raise error(f"{path} is not UTF-8 text (byte {e.start} is {raw[e.start]:#04x}); save it as UTF-8. Also: {fix}") from None
     if not text.strip():
         raise error(f"{path} is empty; {fix}")
     try:
@@ -162,7 +163,8 @@ def load_instruction_data(name=INSTRUCTION_DATA) -> list[dict]:
         if not path.exists() and isinstance(name, str) and not name.endswith(".json"):
             raise InstructionDataError(f"{name!r} is neither a file nor a data file of the course's registry; pass "
                                        f"the path of a JSON file of examples, or {INSTRUCTION_DATA!r}.")
-        data = _read_json_file(path, InstructionDataError, fix)
+        data = _read_json_file(path, InstructionDataError, fix,
+                              missing=f"check the path, or pass {INSTRUCTION_DATA!r} for the book's examples; {fix}")
         name = str(path)
     return check_instruction_data(data, name)
 
@@ -388,7 +390,9 @@ def test_responses_path(profile: str | None = None) -> Path:
         raise ValueError(f"unknown profile {profile!r}; use one of {PROFILES}.")
     return cache_dir() / "responses" / f"instruction-test-responses-{profile}.json"
 
-_REMAKE = "delete it and run part 25 again (or call ensure_test_responses(), which writes it)."
+_REMAKE = ("if it is part 25's answers file, run part 25 again or call ensure_test_responses(), which makes it anew; "
+           "if it is a file of your own, repair it (UTF-8 JSON, a list of answered entries) or pass another path.")
+_MISSING = "run part 25 (or call ensure_test_responses(), which writes its answers file), or pass another path."
 
 def _check_responses(responses, where: str, fix: str = _REMAKE) -> list:
     "`responses` if it is a non-empty list of answered entries in the book's format, else ResponsesFileError naming `where`."
@@ -401,7 +405,7 @@ def _check_responses(responses, where: str, fix: str = _REMAKE) -> list:
         bad = [k for k in RESPONSE_KEYS if not isinstance(r.get(k), str)]
         if bad:
             raise ResponsesFileError(f"{where}: entry {i} has no string {', '.join(map(repr, bad))} (got "
-                                     f"{', '.join(_describe(r.get(k)) for k in bad)}); every entry needs the string "
+                                     f"{', '.join(_describe(r[k]) if k in r else 'no such key' for k in bad)}); every entry needs the string "
                                      f"fields {list(RESPONSE_KEYS)}; {fix}")
         empty = [k for k in ("instruction", "output", "model_name") if not r[k].strip()]
         if empty:
@@ -475,7 +479,7 @@ def load_responses(path) -> list[dict]:
     naming the file, the entry's index where there is one, and the fix.
     """
     path = Path(path)
-    return _check_responses(_read_json_file(path, ResponsesFileError, _REMAKE), str(path))
+    return _check_responses(_read_json_file(path, ResponsesFileError, _REMAKE, _MISSING), str(path))
 
 RESPONSES_FORMAT = 1          # raise it when the answers' meaning changes in a way the code digest cannot see
 

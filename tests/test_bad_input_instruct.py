@@ -145,7 +145,7 @@ def test_bad_responses_file(tmp_path, case):
 
 
 def test_responses_file_missing_or_a_folder(tmp_path):
-    with pytest.raises(ResponsesFileError, match="does not exist.*run part 25 again"):
+    with pytest.raises(ResponsesFileError, match="does not exist; run part 25"):
         load_responses(tmp_path / "missing.json")
     with pytest.raises(ResponsesFileError, match="is a folder, not a file"):
         load_responses(tmp_path)
