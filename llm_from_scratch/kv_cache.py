@@ -217,7 +217,7 @@ class CachedDecoder:
             return logits
         if t > n_ctx and self.context_size > n_ctx:
             raise KVCacheError(f"CachedDecoder: the sequence has {t} tokens and context_size={self.context_size} "
-                               f"would feed more of them than the model's context_length is {n_ctx} allows; pass "
+                               f"would feed it more than it can read: its context_length is {n_ctx}; pass "
                                f"context_size={n_ctx} or less.")
         self.window_steps += 1
         return self.model(idx[:, -self.context_size:])[:, -1, :]                                  # (B, V)
