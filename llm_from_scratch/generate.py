@@ -129,6 +129,10 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
     cfg = getattr(model, "cfg", None)
     if isinstance(cfg, dict) and "vocab_size" in cfg:                                # fail before any work
         top_k = _check_top_k(top_k, cfg["vocab_size"])
+    if isinstance(cfg, dict) and isinstance(cfg.get("context_length"), int) and context_size > cfg["context_length"]:
+        raise ValueError(f"generate: context_size={context_size} is more than this model can read: its "
+                         f"context_length is {cfg['context_length']} (model.cfg). Pass "
+                         f"context_size={cfg['context_length']} (or less).")
     if idx.shape[1] > context_size:
         warnings.warn(f"generate: the prompt has {idx.shape[1]} tokens but context_size={context_size}; the model "
                       f"only reads the last {context_size} (the returned ids still contain the whole prompt).",

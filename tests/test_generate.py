@@ -115,6 +115,15 @@ def test_bad_arguments_are_named(model, prompts, kwargs, exc, msg):
         generate(model, prompts, **args)
 
 
+def test_context_larger_than_the_model_names_the_fix_and_the_fix_works(model, prompts):
+    too_big = CFG["context_length"] + 1
+    with pytest.raises(ValueError, match=rf"context_size={too_big} is more than this model can read") as e:
+        generate(model, prompts, 3, too_big)
+    advised = int(str(e.value).split("Pass context_size=")[1].split(" ")[0])
+    assert advised == CFG["context_length"]
+    assert generate(model, prompts, 3, advised).shape == (prompts.shape[0], prompts.shape[1] + 3)   # the advice works
+
+
 def test_bad_prompts_are_named(model, prompts):
     with pytest.raises(ValueError, match=r"\(batch, num_tokens\)"):
         generate(model, prompts[0], 3, 12)
