@@ -93,8 +93,9 @@ def _units(md: str):
                 cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
                 row_ref = bool(REFERENCE.search(cells[0])) if cells else False
                 parts = ""
-                if part_col is not None and cells:                 # a log's "part" column: "2", "8, 9, 10", "home"
-                    parts = " ".join(f"part {n}" for n in re.findall(r"\d+b?", cells[0]))
+                if part_col is not None and cells:                 # a log's "part" column: "2", "8, 9, 10", "home", "C"
+                    parts = " ".join([f"part {n}" for n in re.findall(r"\d+b?", cells[0])]
+                                     + [f"appendix {x}" for x in re.findall(r"\b([A-Z])\b", cells[0])])
                 for k, cell in enumerate(cells):
                     yield f"{cell} [{parts}]" if parts else cell, row_ref or k in ref_cols or bool(REFERENCE.search(cell))
                 i += 1
