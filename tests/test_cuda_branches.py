@@ -376,3 +376,38 @@ def test_greedy_generate_without_cache_stays_on_the_models_device(meta_model):
     meta_model.eval()
     out = generate(meta_model, torch.zeros(2, 4, dtype=torch.long, device="meta"), 3, 16, use_cache=False)
     assert out.shape == (2, 7) and out.device.type == "meta"
+
+
+# ---------------------------------------------------------------- benchmarks/gpu_check.sh, where there is no GPU
+
+def test_gpu_check_parses_and_stops_with_a_message_without_cuda(tmp_path):
+    "The GPU script is never run here; it must at least parse, and say clearly that it needs CUDA."
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    if torch.cuda.is_available():
+        pytest.skip("a real GPU is here: run benchmarks/gpu_check.sh itself")
+    root = Path(__file__).resolve().parents[1]
+    assert subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], cwd=root).returncode == 0
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_CHECK_ALLOW_CPU": ""}
+    run = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "CUDA is not available here" in run.stdout + run.stderr
+    assert "stopped after the preflight" in (tmp_path / "summary.txt").read_text()
+
+
+def test_gpu_check_runs_notebook_cells_as_nbdev_test_would():
+    "Magics become `pass`; cells flagged eval: false or with a tst_flag (settings.ini) are skipped."
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    src = "try:\n    import x\nexcept ImportError:\n    %pip install x\n!ls\ny = 1"
+    assert gpu_check._runnable(src, {"slow"}) == "try:\n    import x\nexcept ImportError:\n    pass\npass\ny = 1"
+    assert gpu_check._runnable("#| eval: false\nboom()", set()) is None
+    assert gpu_check._runnable("#| slow\nboom()", {"slow"}) is None
+    assert "slow" in gpu_check._skip_flags()
