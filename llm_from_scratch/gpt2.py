@@ -189,7 +189,8 @@ def save_gpt2_to_dir(model: GPTModel, path) -> Path:
         o, h = f"trf_blocks.{i}.", f"transformer.h.{i}."
         names = ("W_query", "W_key", "W_value")
         t[h + "attn.c_attn.weight"] = torch.cat([sd[o + f"att.{n}.weight"] for n in names]).T      # (d, 3d)
-        t[h + "attn.c_attn.bias"] = torch.cat([sd.get(o + f"att.{n}.bias", torch.zeros(d)) for n in names])
+        zero = sd[o + "att.W_query.weight"].new_zeros(d)                # missing biases: in the weights' dtype
+        t[h + "attn.c_attn.bias"] = torch.cat([sd.get(o + f"att.{n}.bias", zero) for n in names])
         t[h + "attn.c_proj.weight"] = sd[o + "att.out_proj.weight"].T                                # (d, d)
         t[h + "attn.c_proj.bias"] = sd[o + "att.out_proj.bias"]
         t[h + "mlp.c_fc.weight"] = sd[o + "ff.layers.0.weight"].T                                    # (d, 4d)

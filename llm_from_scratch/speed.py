@@ -130,10 +130,13 @@ def fast_adamw(model: nn.Module, lr: float = 4e-4, weight_decay: float = 0.1, **
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **kwargs)
 
 def bf16_helps(device) -> bool:
-    """Whether bfloat16 autocast can speed up matmuls on `device`: a GPU with bf16, or a CPU with AVX512-BF16/AMX (defined in appendix E)."""
+    """Whether bfloat16 autocast can speed up matmuls on `device`: a GPU with bf16 units, or a CPU with AVX512-BF16/AMX (defined in appendix E)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        try:                           # units, not emulation: a T4 (Colab's free GPU) runs bfloat16 only emulated
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:              # a torch without that argument counts only the units anyway
+            return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
         return bool(check and check())
@@ -200,7 +203,9 @@ def is_main_process() -> bool:
 def setup_distributed(backend: str | None = None, *, timeout_s: float = 300.0) -> torch.device:
     """Join the process group that `torchrun` set up and return this process's device (defined in appendix E).
 
-    `backend` defaults to NCCL when GPUs are visible (each process takes GPU `local_rank`) and gloo on CPU.
+    `backend` defaults to NCCL when each process torchrun started on this machine can have a GPU of its own
+    (process `local_rank` takes GPU `local_rank`), and to gloo on the CPU otherwise: no GPU, or more processes
+    than GPUs (NCCL cannot share a GPU between processes), e.g. the two-process demo on a one-GPU machine.
     Run outside torchrun, it raises: start the script with `torchrun --nproc_per_node=N ...`.
     """
     if is_distributed():
@@ -208,7 +213,12 @@ def setup_distributed(backend: str | None = None, *, timeout_s: float = 300.0) -
     if not dist.is_available() or not dist.is_torchelastic_launched():
         raise RuntimeError("setup_distributed: this process was not started by torchrun, so there is no group to join; "
                            "launch it with `torchrun --nproc_per_node=2 your_script.py` (or call train_model without it).")
-    use_cuda = torch.cuda.is_available() and backend in (None, "nccl")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))     # processes torchrun started on this machine
+    if backend == "nccl" and gpus < local_procs:
+        raise RuntimeError(f"setup_distributed: NCCL needs a GPU per process, but this machine runs {local_procs} "
+                           f"process(es) on {gpus} GPU(s); use --nproc_per_node={gpus} or fewer, or backend='gloo' (CPU).")
+    use_cuda = backend in (None, "nccl") and 0 < local_procs <= gpus
     backend = backend or ("nccl" if use_cuda else "gloo")
     if backend == "gloo" and os.environ.get("MASTER_ADDR") in ("127.0.0.1", "localhost"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")   # a one-machine run stays on the loopback interface

@@ -242,3 +242,15 @@ def test_save_gpt2_to_dir_round_trips_a_transformers_model(tmp_path, hf_model, h
     again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert (again(IDS).logits - hf_model(IDS).logits).abs().max().item() < 1e-4
+
+
+def test_save_gpt2_to_dir_keeps_a_bfloat16_model_bfloat16(tmp_path):
+    "The zero biases written for a model without qkv_bias take the weights' dtype: no float32 tensor in a bf16 file."
+    from safetensors.torch import load_file
+    cfg = {"vocab_size": 100, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0,
+           "qkv_bias": False}
+    ours = GPTModel(cfg).to(torch.bfloat16)
+    save_gpt2_to_dir(ours, tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert not tensors["transformer.h.1.attn.c_attn.bias"].any()
