@@ -1,35 +1,81 @@
-"""Generation race: our KV-cached `generate` (part 27) against the book package's `generate_text_simple`.
+"""Generation race: our KV-cached `generate` (part 27) against the book package's decoding, and against this machine's limit.
 
 Not a test (speed is never asserted). Configuration: GPT-2 124M's shape (random weights: speed does not depend
 on what the weights learned; dropout off, eval mode), float32, batch 1, a 4-token prompt ("Hello, I am"), 200 new
 greedy tokens, context_size 1024 (so no cropping: the window never slides and the cache is used for every step).
 
-  book    llms_from_scratch.ch04.GPTModel + generate_text_simple (the whole window through the model each step)
-  ours    llm_from_scratch.model.GPTModel with the same weights + llm_from_scratch.generate.generate
-          (use_cache=None, i.e. the KV cache: one prefill, then one token per step)
+1. Bandwidth and the floor. Every round first times `x.sum()` over a 1 GiB float32 tensor (the median of 5 sums,
+   after 1 untimed; 1 GiB is far beyond every cache, so it is a read from memory). The median over the rounds is
+   this machine's read bandwidth during the race. A decoding step must read, per token: every matrix and bias of
+   the linear layers, every layer norm, ONE row of each embedding, and the cached keys and values of all layers
+   at the step's position (averaged over the run: prompt + (n - 1) / 2 positions). bytes / bandwidth is the
+   shortest possible time per token; its inverse, the floor in tok/s. Each contestant's tok/s is shown with its
+   share of that floor (its own bytes for the reduced-bytes variants).
+2. The race, in alternating rounds in one process (after an untimed warm-up of 8 tokens each):
+     book          llms_from_scratch.ch04 GPTModel + generate_text_simple (the whole window every step)
+     book KV       llms_from_scratch.kv_cache.gpt2 GPTModel, the book package's own KV-cache GPT-2, driven by a
+                   short loop here (prefill with use_cache=True and a fresh package KVCache, then one token per
+                   call; n forward passes for n tokens). The package's kv_cache/generate.py is written for its
+                   Llama/Qwen models: it calls model.reset_kv_cache(), which this GPT-2 lacks, and passes only
+                   cache=, which it ignores without use_cache=True. As shipped (1.0.19) the model cannot decode
+                   with its cache at all: its causal mask keeps columns where it needs the new queries' rows, so
+                   the first cached step raises a shape error. Each block's attention gets the package's own
+                   forward with that one slice corrected (`_book_kv_attention_forward`, the fix upstream made in
+                   rasbt/LLMs-from-scratch pull request 1048); everything else is the package's.
+     ours, no split  (--before only) our generate with part 27's row split switched off
+                   (kv_cache._SPLIT_MIN_WEIGHTS raised): the cached path as it was before the split was added
+     ours          llm_from_scratch.generate.generate (default use_cache=None: the KV cache, with the row split)
+   All of them produce identical tokens (asserted every round: the same float32 weights and arithmetic).
+3. Reduced bytes (on by default; --no-reduced skips; CPU only for the int8 variants), in the same rounds:
+     bf16          the model converted with .to(torch.bfloat16): weights, activations and cache in bfloat16
+     int8 dyn      torch.ao.quantization.quantize_dynamic on every nn.Linear, per-channel qint8 weights; the
+                   activations are quantised on the fly per call (so not weight-only); FBGEMM kernels
+     int8 w-only   each nn.Linear replaced by a bench-local module around torch._weight_int8pack_mm: per-channel
+                   int8 weights, bfloat16 activations into the product, float32 elsewhere
+   Their tokens are not asserted (rounding changes them); quality is measured instead:
+4. Quality (--quality; default on for --device cpu when the course's base model is cached): the course's
+   base model (load_base_model("course"), 30.5M parameters, context 256) in the same four forms, on the last 10 %
+   of tinyshakespeare.txt (held out): perplexity over non-overlapping 256-token windows (--quality-windows caps
+   their number), the share of positions whose argmax (teacher-forced) equals float32's, and greedy decoding of
+   4 held-out prompts x 50 tokens through our cached generate: how many of the 200 tokens equal float32's at
+   the same position, and how many come before each prompt's first difference. Set LLM_FROM_SCRATCH_DATA and
+   HF_HUB_OFFLINE=1 on an offline machine. A missing model or text skips the section with the reason.
+5. Batches (--batches 1,2,4,8 by default; --batches none skips): our cached decoding, float32, B prompts of
+   4 random ids, tokens per second over the whole batch (median of --batch-rounds rounds, the sizes alternating),
+   and the share of the floor for B sequences (weights read once per step, B rows of embeddings and B caches).
+The default run takes about 5 minutes on the 2-core CPU (the book's uncached loop is most of it).
 
-The two produce identical tokens (asserted every round). They run in one process in alternating rounds
-(book, ours, book, ours, ...) after a short untimed warm-up (8 tokens each); the medians are compared. With --bf16
-a third, untimed-against-the-book line shows our cached decoding with bfloat16 weights (half the bytes read
-per token; its tokens may differ slightly from float32's and are not asserted). Needs the bench extra:
-`pip install -e ".[bench]"` (or `pip install --no-deps llms-from-scratch==1.0.19`). Run:
+The `key=value` lines before the last one (`make bench` collects them): bandwidth_gbs, generate_floor_tok_s,
+generate_tok_s, generate_share_of_floor, generate_vs_book_kv (ours over the book's KV-cache model, both cached),
+generate_bf16_share / generate_int8_share (share of their own floors, when measured), generate_batch8_tok_s.
+The LAST line printed is always `generate_vs_book=<ratio>`: median seconds of the book's uncached loop over ours.
 
-    python benchmarks/bench_generate.py [--rounds 3] [--new-tokens 200] [--bf16] [--device cuda]
+    python benchmarks/bench_generate.py [--rounds 3] [--new-tokens 200] [--device cpu] [--before] [--no-reduced]
+        [--quality | --no-quality] [--quality-windows 48] [--batches 1,2,4,8 | none] [--batch-rounds 1] [--bf16]
 
-`--device` (default cpu, what `make bench` races) runs both models there; on a GPU each timing is fenced by
-`torch.cuda.synchronize()`, so the queued kernels are counted.
-
-The LAST line printed is always `generate_vs_book=<ratio>` (median book seconds / median ours seconds).
+`--device` (default cpu, what `make bench` races) runs the race there; on a GPU each timing is fenced by
+`torch.cuda.synchronize()`. `--bf16` is kept for old command lines: it puts bfloat16 into the reduced-bytes
+table even with --no-reduced. Needs the bench extra: `pip install -e ".[bench]"`.
 """
 import argparse
+import copy
+import math
+import os
 import statistics
 import time
+import warnings
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+import llm_from_scratch.kv_cache as kv_cache
 from llm_from_scratch.core import describe_run, get_device, set_seed
 from llm_from_scratch.generate import generate
+from llm_from_scratch.layer_norm import LayerNorm
 from llm_from_scratch.model import GPT_CONFIG_124M, GPTModel
+
+GiB = 2**30
 
 
 def timed(fn, device=torch.device("cpu")):
@@ -42,56 +88,345 @@ def timed(fn, device=torch.device("cpu")):
     return time.perf_counter() - start, out
 
 
+def read_bandwidth(buf, device, repeats=5):
+    "Bytes per second of `buf.sum()`: the median of `repeats` sums after one untimed."
+    buf.sum()
+    times = [timed(buf.sum, device)[0] for _ in range(repeats)]
+    return buf.numel() * buf.element_size() / statistics.median(times)
+
+
+# ---- int8 weight-only: a measurement contestant, not library code ------------------------------------------------
+class Int8WeightOnly(nn.Module):
+    """y = x W^T + b with W stored as int8 per output row (scale = max|row| / 127), via torch._weight_int8pack_mm."""
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        w = lin.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().float())
+
+    def forward(self, x):
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.qweight, self.scale)
+        y = y.to(x.dtype).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def int8_weight_only(model):
+    m = copy.deepcopy(model)
+    for mod in list(m.modules()):
+        for name, child in list(mod.named_children()):
+            if type(child) is nn.Linear:
+                setattr(mod, name, Int8WeightOnly(child))
+    return m
+
+
+def int8_dynamic(model):
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                       # its deprecation notice (torchao); the API works
+        return quantize_dynamic(copy.deepcopy(model), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+def make_variant(name, model):
+    if name == "bf16":
+        return copy.deepcopy(model).to(torch.bfloat16)
+    if name == "int8 dyn":
+        return int8_dynamic(model)
+    if name == "int8 w-only":
+        return int8_weight_only(model)
+    raise ValueError(name)
+
+
+def weight_bytes_per_token(model, batch=1):
+    """Bytes of parameters one decoding step reads: all linear layers and norms, one embedding row per sequence."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, nn.Embedding):
+            total += (batch if mod is model.tok_emb else 1) * mod.weight.shape[1] * mod.weight.element_size()
+        elif type(mod) is nn.Linear or isinstance(mod, LayerNorm):
+            total += sum(p.numel() * p.element_size() for p in mod.parameters(recurse=False))
+        elif isinstance(mod, DynLinear):
+            w = mod.weight()                                  # packed int8 + a float scale and int zero point per row
+            total += w.numel() + w.shape[0] * 8 + (0 if mod.bias() is None else mod.bias().numel() * 4)
+        elif isinstance(mod, Int8WeightOnly):
+            total += sum(b.numel() * b.element_size() for b in mod.buffers(recurse=False))
+    return total
+
+
+def kv_bytes_per_token(model, avg_len, batch=1):
+    "Keys and values of every layer at `avg_len` cached positions, in the cache's dtype (the embedding's)."
+    cfg, elt = model.cfg, model.tok_emb.weight.element_size()
+    return 2 * cfg["n_layers"] * avg_len * cfg["emb_dim"] * elt * batch
+
+
+def _book_kv_attention_forward(self, x, use_cache=False, start_pos=0, cache=None):
+    """The book package's kv_cache.gpt2 MultiHeadAttention.forward (Apache-2.0, rasbt/LLMs-from-scratch), the same
+    operations in the same order, with ONE change: the causal mask keeps the rows of the new queries
+    (`[-num_tokens:, :]`). The package's `[:, -num_tokens:]` keeps columns instead, so in 1.0.19 every cached step
+    after the prefill fails with "output with shape [1, 12, 1, 5] doesn't match the broadcast shape [1, 12, 5, 5]";
+    upstream fixed the same row selection in rasbt/LLMs-from-scratch pull request 1048."""
+    b, num_tokens, _ = x.shape
+    split = lambda t: t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+    keys, values, queries = split(self.W_key(x)), split(self.W_value(x)), split(self.W_query(x))
+    if use_cache:
+        if cache is not None:
+            keys = torch.cat([cache[0], keys], dim=2)
+            values = torch.cat([cache[1], values], dim=2)
+        next_cache = (keys, values)
+    else:
+        next_cache = None
+    seq_len = keys.size(2)
+    causal_mask = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device), diagonal=1)
+    causal_mask = causal_mask[-num_tokens:, :][None, None, :, :]              # the fix: rows, not columns
+    attn_scores = queries @ keys.transpose(2, 3)
+    attn_scores.masked_fill_(causal_mask, -torch.inf)
+    attn_weights = self.dropout(torch.softmax(attn_scores / keys.shape[-1]**0.5, dim=-1))
+    context_vec = (attn_weights @ values).transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)
+    return self.out_proj(context_vec), next_cache
+
+
+def book_kv_model(cls, cfg):
+    "The package's KV-cache GPT-2 with `_book_kv_attention_forward` in each block (see there why)."
+    model = cls(cfg)
+    for block in model.trf_blocks:
+        block.att.forward = _book_kv_attention_forward.__get__(block.att)
+    return model
+
+
+def book_kv_generate(model, idx, max_new_tokens, kv_cls):
+    "Greedy decoding with the book package's KV-cache GPT-2: prefill, then one token per forward pass."
+    model.current_pos = 0                                     # the model's own position counter
+    cache = kv_cls(n_layers=len(model.trf_blocks))
+    logits = model(idx, use_cache=True, cache=cache)
+    for step in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(dim=-1, keepdim=True)
+        idx = torch.cat([idx, nxt], dim=1)
+        if step + 1 < max_new_tokens:
+            logits = model(nxt, use_cache=True, cache=cache)
+    return idx
+
+
+def without_split(fn):
+    "Run fn with part 27's row split switched off: the cached path as it was before the split."
+    def run():
+        saved = kv_cache._SPLIT_MIN_WEIGHTS
+        kv_cache._SPLIT_MIN_WEIGHTS = 1 << 62
+        try:
+            return fn()
+        finally:
+            kv_cache._SPLIT_MIN_WEIGHTS = saved
+    return run
+
+
+def fmt_share(tps, floor):
+    return f"{tps / floor:6.1%}" if floor > 0 else "   n/a"
+
+
+# ---- quality -----------------------------------------------------------------------------------------------------
+def quality(variants, max_windows, n_prompts=4, prompt_len=24, n_new=50):
+    from llm_from_scratch.base_model import course_base_model_path, load_base_model
+    from llm_from_scratch.download import read_text
+    from llm_from_scratch.tokenizer import gpt2_tokenizer
+    if not course_base_model_path().exists():
+        print("quality: skipped, the course's base model is not cached here (load_base_model('course') would "
+              "pretrain it, which takes half an hour)")
+        return
+    try:
+        base = load_base_model("course", device="cpu", progress=False)
+        text = read_text("tinyshakespeare.txt")
+        tok = gpt2_tokenizer()
+    except Exception as e:                                    # offline without LLM_FROM_SCRATCH_DATA, ...
+        print(f"quality: skipped ({type(e).__name__}: {str(e).splitlines()[0]})")
+        return
+    model = base.model.eval()
+    held = text[int(0.9 * len(text)):]                        # the last 10 %: held out
+    ids = torch.tensor(tok.encode(held))
+    ctx = model.cfg["context_length"]
+    n_win = min((len(ids) - 1) // ctx, max_windows)
+    x = torch.stack([ids[i * ctx:(i + 1) * ctx] for i in range(n_win)])            # (W, ctx)
+    y = torch.stack([ids[i * ctx + 1:(i + 1) * ctx + 1] for i in range(n_win)])    # next tokens
+    starts = [int(s) for s in torch.linspace(0, len(ids) - prompt_len - 1, n_prompts)]
+    prompts = torch.stack([ids[s:s + prompt_len] for s in starts])                 # (P, prompt_len)
+    print(f"\nquality: {base.name}; held-out text = last 10 % of tinyshakespeare.txt ({len(held):,} characters, "
+          f"{len(ids):,} tokens); perplexity over {n_win} windows of {ctx} tokens ({n_win * ctx:,} predictions); "
+          f"greedy: {n_prompts} held-out prompts of {prompt_len} tokens x {n_new} new tokens, cached generate")
+    models = {"float32": model}
+    for name in variants:
+        models[name] = make_variant(name, model)
+    ref_pred = ref_gen = None
+    print(f"{'variant':12s} {'MB/token':>10s} {'perplexity':>10s} {'top-1 = fp32':>12s} "
+          f"{'greedy = fp32':>14s} {'before 1st diff':>16s}")
+    with torch.no_grad():
+        for name, m in models.items():
+            nll, pred = 0.0, []
+            for i in range(0, n_win, 8):
+                logits = m(x[i:i + 8]).float()
+                nll += F.cross_entropy(logits.flatten(0, 1), y[i:i + 8].flatten(), reduction="sum").item()
+                pred.append(logits.argmax(-1))
+            pred = torch.cat(pred)
+            gen = generate(m, prompts, n_new, ctx)[:, prompt_len:]                 # (P, n_new)
+            if ref_pred is None:
+                ref_pred, ref_gen = pred, gen
+            same = gen == ref_gen
+            prefix = [int(r.all()) * n_new or int((~r).nonzero()[0]) for r in same]
+            mb = weight_bytes_per_token(m) / 1e6
+            print(f"{name:12s} {mb:10.1f} {math.exp(nll / y.numel()):10.2f} {(pred == ref_pred).float().mean():12.2%} "
+                  f"{int(same.sum()):>8d} / {same.numel():<4d} {sum(prefix):>8d} / {same.numel():<4d}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="timed alternating rounds (default 3)")
     ap.add_argument("--new-tokens", type=int, default=200)
-    ap.add_argument("--bf16", action="store_true", help="also time our cached decoding with bfloat16 weights")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 in the reduced-bytes table even with --no-reduced")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or mps; an unavailable one is an error")
+    ap.add_argument("--no-reduced", action="store_true", help="skip bfloat16 and int8 (reduced bytes)")
+    ap.add_argument("--quality", action=argparse.BooleanOptionalAction, default=None,
+                    help="quality of the reduced-bytes forms on the course's base model (default: on for cpu)")
+    ap.add_argument("--quality-windows", type=int, default=48, help="held-out 256-token windows for perplexity")
+    ap.add_argument("--batches", default="1,2,4,8", help="batch sizes for the batch table, or 'none'")
+    ap.add_argument("--batch-rounds", type=int, default=1)
+    ap.add_argument("--before", action="store_true", help="also race our cached path without the row split")
     args = ap.parse_args()
     try:
         from llms_from_scratch.ch04 import GPTModel as BookGPTModel, generate_text_simple
+        from llms_from_scratch.kv_cache.gpt2 import GPTModel as BookKVGPTModel, KVCache as BookKVCache
     except ImportError:
         raise SystemExit("bench_generate.py needs the book's package: pip install -e \".[bench]\" "
                          "(or pip install --no-deps llms-from-scratch==1.0.19)")
 
     device = get_device(args.device)
     print(describe_run(device))
+    t_start = time.perf_counter()
+    load0 = os.getloadavg()
     cfg = {**GPT_CONFIG_124M, "drop_rate": 0.0}
     set_seed(123)
     ours = GPTModel(cfg).eval()
+    state = ours.state_dict()
     book = BookGPTModel(cfg).eval()
-    book.load_state_dict(ours.state_dict())                       # the same weights, the book's key names
-    ours, book = ours.to(device), book.to(device)
+    book.load_state_dict(state)                                    # the same weights, the book's key names
+    book_kv = book_kv_model(BookKVGPTModel, cfg).eval()
+    missing, unexpected = book_kv.load_state_dict(state, strict=False)
+    assert not missing and all(k.endswith(".att.mask") for k in unexpected), (missing, unexpected)  # no mask buffer
+    ours, book, book_kv = ours.to(device), book.to(device), book_kv.to(device)
     prompt = torch.tensor([[15496, 11, 314, 716]], device=device)  # "Hello, I am" in GPT-2's tokenizer
     n, ctx = args.new_tokens, cfg["context_length"]
+    avg_len = prompt.shape[1] + (n - 1) / 2                        # cached positions read, averaged over the steps
 
-    run_ours = lambda: generate(ours, prompt, n, ctx)              # default: KV cache
-    run_book = lambda: generate_text_simple(book, prompt, n, ctx)
+    reduced = [] if args.no_reduced else ["bf16", "int8 dyn", "int8 w-only"]
+    if args.bf16 and "bf16" not in reduced:
+        reduced.insert(0, "bf16")
+    if device.type != "cpu" and any(r.startswith("int8") for r in reduced):
+        print("int8 variants: skipped, their kernels (FBGEMM, _weight_int8pack_mm) are measured on the CPU only")
+        reduced = [r for r in reduced if not r.startswith("int8")]
+    variants = {r: make_variant(r, ours.cpu()).to(device) for r in reduced}
+    ours = ours.to(device)
+
+    contestants = {                                                # name -> (fn, asserted equal to the book's tokens)
+        "book": (lambda: generate_text_simple(book, prompt, n, ctx), True),
+        "book KV": (lambda: book_kv_generate(book_kv, prompt, n, BookKVCache), True),
+        "ours, no split": (without_split(lambda: generate(ours, prompt, n, ctx)), True),
+        "ours": (lambda: generate(ours, prompt, n, ctx), True),
+    }
+    if not args.before:
+        del contestants["ours, no split"]
+    for r, m in variants.items():
+        contestants[r] = (lambda m=m: generate(m, prompt, n, ctx), False)
+    floors = {}                                                    # bytes per token; the book's models: ours'
+    for name in contestants:
+        m = variants.get(name, ours)
+        floors[name] = weight_bytes_per_token(m) + kv_bytes_per_token(m, avg_len)
+
+    buf = torch.ones(GiB // 4, device=device)                      # 1 GiB of float32
+    bws, times = [], {k: [] for k in contestants}
     with torch.no_grad():
-        generate(ours, prompt, 8, ctx), generate_text_simple(book, prompt, 8, ctx)   # short untimed warm-up
-        ref, t_ours, t_book = None, [], []
+        n = 8                                                      # the closures read n: a short untimed warm-up
+        for fn, _ in contestants.values():
+            fn()
+        n = args.new_tokens
+        ref = None
         for r in range(args.rounds):
-            tb, out_b = timed(run_book, device)
-            to, out_o = timed(run_ours, device)
-            ref = out_b if ref is None else ref
-            assert torch.equal(out_o, out_b) and torch.equal(out_b, ref), "cached tokens differ from the book's"
-            t_book.append(tb); t_ours.append(to)
-            print(f"round {r + 1}: book {tb:6.2f} s ({n / tb:6.1f} tok/s)   ours {to:6.2f} s ({n / to:6.1f} tok/s)",
-                  flush=True)
-    mb, mo = statistics.median(t_book), statistics.median(t_ours)
-    print(f"median: book {mb:.2f} s = {mb / n * 1e3:.1f} ms/token, ours {mo:.2f} s = {mo / n * 1e3:.1f} ms/token; "
-          f"{n} identical tokens, batch 1, float32, GPT-2 124M shape, on {device}")
-    if args.bf16:
-        half = GPTModel(cfg).eval()
-        half.load_state_dict(ours.state_dict())
-        half = half.to(device=device, dtype=torch.bfloat16)
+            bws.append(read_bandwidth(buf, device))
+            line = [f"round {r + 1}: memory {bws[-1] / 1e9:5.1f} GB/s"]
+            for name, (fn, check) in contestants.items():
+                t, out = timed(fn, device)
+                times[name].append(t)
+                if check:
+                    ref = out if ref is None else ref
+                    assert torch.equal(out, ref), f"{name}: tokens differ from the book's"
+                line.append(f"{name} {n / t:5.1f}")
+            share = n / times["ours"][-1] / (bws[-1] / floors["ours"])
+            print("   ".join(line) + f" tok/s; ours at {share:.0%} of this round's floor", flush=True)
+    del buf
+    bw = statistics.median(bws)
+    print(f"\nmemory read bandwidth: {bw / 1e9:.1f} GB/s = median over {len(bws)} rounds (each the median of 5 "
+          f"timed x.sum() over a 1 GiB float32 tensor; rounds ranged {min(bws) / 1e9:.1f}-{max(bws) / 1e9:.1f} GB/s)")
+    w32, kv32 = weight_bytes_per_token(ours), kv_bytes_per_token(ours, avg_len)
+    floor_tps = bw / (w32 + kv32)
+    print(f"bytes read per token, float32: weights {w32 / 1e6:.1f} MB (every linear layer's matrix and bias, "
+          f"every layer norm, one row of each embedding) + KV cache {kv32 / 1e6:.1f} MB (all layers at the average "
+          f"position {avg_len:.1f}) = {(w32 + kv32) / 1e6:.1f} MB -> floor {1e3 / floor_tps:.1f} ms/token = "
+          f"{floor_tps:.1f} tok/s")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n{'contestant':16s} {'tok/s':>7s} {'ms/token':>9s} {'MB/token':>9s} {'floor tok/s':>11s} {'share':>7s}  tokens")
+    for name in contestants:
+        tps, fl = n / med[name], bw / floors[name]
+        same = "identical (asserted)" if contestants[name][1] else "not asserted (see quality)"
+        print(f"{name:16s} {tps:7.1f} {med[name] / n * 1e3:9.1f} {floors[name] / 1e6:9.1f} {fl:11.1f} "
+              f"{fmt_share(tps, fl)}  {same}")
+    print(f"{n} new tokens, batch 1, GPT-2 124M shape, on {device}; book/ours = {med['book'] / med['ours']:.2f}x, "
+          f"book KV/ours = {med['book KV'] / med['ours']:.2f}x" + (f", ours vs ours without the split = "
+          f"{med['ours, no split'] / med['ours']:.2f}x" if args.before else ""), flush=True)
+
+    print(f"(race: {time.perf_counter() - t_start:.0f} s so far)")
+    want_quality = args.quality if args.quality is not None else device.type == "cpu"
+    if want_quality and reduced:
+        quality(reduced, args.quality_windows)
+    elif want_quality:
+        print("quality: skipped, no reduced-bytes variant to compare")
+
+    print(f"(quality done: {time.perf_counter() - t_start:.0f} s so far)")
+    batch8 = None
+    sizes = [] if args.batches.strip().lower() in ("", "none") else [int(b) for b in args.batches.split(",")]
+    if sizes:
+        print(f"\nbatches: our cached decoding, float32, {n} new tokens per sequence, median of {args.batch_rounds} "
+              f"rounds (alternating sizes); floor = bandwidth / (weights once + B embedding rows + B caches)")
+        g = torch.Generator().manual_seed(0)
+        prompts = {b: torch.randint(0, cfg["vocab_size"], (b, prompt.shape[1]), generator=g).to(device) for b in sizes}
+        bt = {b: [] for b in sizes}
         with torch.no_grad():
-            generate(half, prompt, 8, ctx)                         # warm-up
-            times = [timed(lambda: generate(half, prompt, n, ctx), device)[0] for _ in range(args.rounds)]
-        mh = statistics.median(times)
-        print(f"ours, bfloat16 weights: {mh:.2f} s = {mh / n * 1e3:.1f} ms/token ({mo / mh:.2f}x our float32)")
-    print(f"generate_vs_book={mb / mo:.2f}")
+            for b in sizes:
+                generate(ours, prompts[b], 4, ctx)                 # warm-up
+            for _ in range(args.batch_rounds):
+                for b in sizes:
+                    bt[b].append(timed(lambda: generate(ours, prompts[b], n, ctx), device)[0])
+        print(f"{'batch':>5s} {'tok/s (all)':>11s} {'per sequence':>12s} {'ms/step':>8s} {'floor tok/s':>11s} {'share':>7s}")
+        for b in sizes:
+            t = statistics.median(bt[b])
+            tps = b * n / t
+            fl = b * bw / (weight_bytes_per_token(ours, batch=b) + kv_bytes_per_token(ours, avg_len, batch=b))
+            print(f"{b:5d} {tps:11.1f} {n / t:12.1f} {t / n * 1e3:8.1f} {fl:11.1f} {fmt_share(tps, fl)}")
+            if b == 8:
+                batch8 = tps
+
+    load1 = os.getloadavg()
+    print(f"\nload average (1 min) at the start {load0[0]:.2f}, at the end {load1[0]:.2f} (this run keeps both "
+          f"cores busy, so about 2 is its own); {time.perf_counter() - t_start:.0f} s in all")
+    tps_ours = n / med["ours"]
+    print(f"bandwidth_gbs={bw / 1e9:.2f}")
+    print(f"generate_floor_tok_s={floor_tps:.2f}")
+    print(f"generate_tok_s={tps_ours:.2f}")
+    print(f"generate_share_of_floor={tps_ours / floor_tps:.3f}")
+    print(f"generate_vs_book_kv={med['book KV'] / med['ours']:.2f}")
+    for key, name in (("generate_bf16_share", "bf16"), ("generate_int8_share", "int8 dyn")):
+        if name in med:
+            print(f"{key}={n / med[name] / (bw / floors[name]):.3f}")
+    if batch8 is not None:
+        print(f"generate_batch8_tok_s={batch8:.2f}")
+    print(f"generate_vs_book={med['book'] / med['ours']:.2f}")
 
 
 if __name__ == "__main__":

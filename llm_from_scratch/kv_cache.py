@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .feed_forward import FeedForward
 from .model import GPTModel, TransformerBlock
 
 # %% auto #0
@@ -140,19 +141,65 @@ def cached_forward(model: GPTModel, idx: torch.Tensor, cache: KVCache, *, last_o
     for i, block in enumerate(model.trf_blocks):
         att = block.att
         h = block.norm1(x)                                             # (B, T_new, C)
-        q = att._split(att.W_query(h))                                 # (B, H, T_new, hd)
-        k, v = cache.update(i, att._split(att.W_key(h)), att._split(att.W_value(h)))  # (B, H, start+T_new, hd)
+        q = att._split(_decode_linear(att.W_query, h))                 # (B, H, T_new, hd)
+        k, v = cache.update(i, att._split(_decode_linear(att.W_key, h)),
+                            att._split(_decode_linear(att.W_value, h)))   # (B, H, start+T_new, hd)
         scores = q @ k.transpose(-2, -1)                               # (B, H, T_new, start+T_new)
         if t_new > 1:                                                  # new tokens must not see later new ones
             scores = scores.masked_fill(att.mask[start:start + t_new, :start + t_new].bool(), -torch.inf)
         weights = torch.softmax(scores / k.shape[-1] ** 0.5, dim=-1)
         context = (weights @ v).transpose(1, 2).reshape(b, t_new, att.d_out)  # (B, T_new, C)
-        x = x + att.out_proj(context)
-        x = x + block.ff(block.norm2(x))
+        x = x + _decode_linear(att.out_proj, context)
+        x = x + _decode_ff(block.ff, block.norm2(x))
     cache.length = start + t_new
     if last_only:
         x = x[:, -1:, :]                                               # the output head only where needed
-    return model.out_head(model.final_norm(x))                         # (B, 1 or T_new, V)
+    return _decode_linear(model.out_head, model.final_norm(x))         # (B, 1 or T_new, V)
+
+# %% ../nbs/27_whats_next.ipynb #9b47e3d2
+_SPLIT_MIN_WEIGHTS = 2**16     # smaller matrices: one plain call costs less than the split
+_SPLIT_MAX_ROWS = 8            # more input rows (long prefills, big batches): the two ways time about even
+
+def _called_as_is(m: nn.Module) -> bool:
+    "True if `m(x)` must run as a call: forward hooks (its own or global) or a forward replaced on the instance."
+    return bool(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
+                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+def _decode_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` for the few rows of a decoding step, with the weights' rows shared out between the CPU threads (defined in part 27).
+
+    For a plain `nn.Linear` in float32 on the CPU with at least `_SPLIT_MIN_WEIGHTS` weights and at most
+    `_SPLIT_MAX_ROWS` input rows, the `(out, in)` weight is viewed as `k` blocks of rows and multiplied by one
+    `torch.baddbmm`, which runs the blocks on different threads; the result equals `layer(x)` up to rounding.
+    Every other case is `layer(x)`, and so is a layer with hooks, whose call must run.
+    """
+    if type(layer) is not nn.Linear or _called_as_is(layer):          # LoRA, quantised, hooked: its own call
+        return layer(x)
+    w, b = layer.weight, layer.bias
+    out_f, in_f = w.shape
+    rows = x.numel() // in_f if x.dim() >= 1 and x.shape[-1] == in_f else 0
+    if (not 1 <= rows <= _SPLIT_MAX_ROWS or w.numel() < _SPLIT_MIN_WEIGHTS or w.device.type != "cpu"
+            or w.dtype != torch.float32 or x.dtype != torch.float32 or not w.is_contiguous()):
+        return layer(x)
+    k = max(2, torch.get_num_threads())                               # one block per thread
+    n = out_f - out_f % k                                             # the rows that fill k equal blocks
+    # x^T as a column-major view, strides (0, 1, in): with this layout bmm hands the blocks to the math library's
+    # batched product, one per thread; a (k, in, 1) view with strides (0, 1, 1) took a much slower path when timed
+    xt = x.reshape(rows, in_f).contiguous().t().expand(k, in_f, rows)  # (k, in, rows)
+    blocks = w[:n].view(k, n // k, in_f)                              # (k, n/k, in), a view
+    y = torch.bmm(blocks, xt) if b is None else torch.baddbmm(b[:n].view(k, n // k, 1), blocks, xt)
+    y = y.view(n, rows)                                               # (n, rows)
+    if n < out_f:                                                     # the last out % k rows
+        rest = w[n:] @ xt[0] if b is None else torch.addmm(b[n:, None], w[n:], xt[0])
+        y = torch.cat([y, rest])                                      # (out, rows)
+    return y.t().reshape(*x.shape[:-1], out_f)                        # (..., out)
+
+def _decode_ff(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    "`ff(x)`, the course's `FeedForward` with its two layers through `_decode_linear`; any other module is called."
+    if type(ff).forward is not FeedForward.forward or len(ff.layers) != 3 or _called_as_is(ff):
+        return ff(x)
+    expand, act, contract = ff.layers                                 # Linear, GELU, Linear
+    return _decode_linear(contract, act(_decode_linear(expand, x)))
 
 # %% ../nbs/27_whats_next.ipynb #accdc210
 class CachedDecoder:
