@@ -90,16 +90,16 @@ book: $(VENV)/.installed-book $(WIDGETS_JS)/embed-amd.js $(WIDGETS_JS)/mathjax/t
 
 # Races against the book's own package (setup.py's bench extra). It is installed with --no-deps: its own
 # requirements (tensorflow, jupyterlab, ...) are not needed to import its model. bench_generate.py is the
-# generation race (parts 21/27); the last line is always `RESULT train_vs_book=<x> generate_vs_book=<y>`.
+# generation race (parts 21/27). Each prints `key=value` lines: its ratios against the book's strongest variant and
+# its share of this machine's measured limit. The last line is always
+# `RESULT train_vs_book=<x> generate_vs_book=<y> <every other key=value>`.
 BENCH_SPEC := llms-from-scratch==1.0.19
 
 bench: venv
 	@$(BIN)/python -c "import llms_from_scratch" 2>/dev/null || $(BIN)/pip install --no-deps "$(BENCH_SPEC)"
 	@set -o pipefail; log=$$(mktemp); \
 	$(BIN)/python benchmarks/bench_train.py | tee $$log || { rm -f $$log; exit 1; }; \
-	train=$$(sed -n 's/^train_vs_book=//p' $$log | tail -n 1); \
-	if [ -f benchmarks/bench_generate.py ]; then \
-	  $(BIN)/python benchmarks/bench_generate.py | tee $$log || { rm -f $$log; exit 1; }; \
-	  gen=$$(sed -n 's/^generate_vs_book=//p' $$log | tail -n 1); \
-	else echo "benchmarks/bench_generate.py not found: no generation race"; fi; \
-	rm -f $$log; echo "RESULT train_vs_book=$${train:-n/a} generate_vs_book=$${gen:-n/a}"
+	$(BIN)/python benchmarks/bench_generate.py | tee -a $$log || { rm -f $$log; exit 1; }; \
+	keys=$$(grep -E '^[a-z0-9_]+=[-0-9.naINF]+$$' $$log | grep -v -E '^(train|generate)_vs_book=' | tr '\n' ' '); \
+	train=$$(sed -n 's/^train_vs_book=//p' $$log | tail -n 1); gen=$$(sed -n 's/^generate_vs_book=//p' $$log | tail -n 1); \
+	rm -f $$log; echo "RESULT train_vs_book=$${train:-n/a} generate_vs_book=$${gen:-n/a} $$keys"
