@@ -90,8 +90,9 @@ book: $(VENV)/.installed-book $(WIDGETS_JS)/embed-amd.js $(WIDGETS_JS)/mathjax/t
 
 # Races against the book's own package (setup.py's bench extra). It is installed with --no-deps: its own
 # requirements (tensorflow, jupyterlab, ...) are not needed to import its model. bench_generate.py is the
-# generation race (parts 21/27). Each prints `key=value` lines: its ratios against the book's strongest variant and
-# its share of this machine's measured limit. The last line is always
+# generation race (parts 21/27). Each prints `key=value` lines: ratios against the book's package (train_vs_book and
+# generate_vs_book against its plain way; train_vs_book_levers and generate_vs_book_kv against its strongest
+# variant) and shares of this machine's limits measured in the same run (train_mfu, generate_share_of_floor, ...). The last line is always
 # `RESULT train_vs_book=<x> generate_vs_book=<y> <every other key=value>`.
 BENCH_SPEC := llms-from-scratch==1.0.19
 
