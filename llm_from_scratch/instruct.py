@@ -405,7 +405,7 @@ def _check_responses(responses, where: str, fix: str = _REMAKE) -> list:
         bad = [k for k in RESPONSE_KEYS if not isinstance(r.get(k), str)]
         if bad:
             raise ResponsesFileError(f"{where}: entry {i} has no string {', '.join(map(repr, bad))} (got "
-                                     f"{', '.join(_describe(r[k]) if k in r else 'no such key' for k in bad)}); every entry needs the string "
+                                     f"{', '.join(_describe(r[k]) if k in r else 'the key is missing' for k in bad)}); every entry needs the string "
                                      f"fields {list(RESPONSE_KEYS)}; {fix}")
         empty = [k for k in ("instruction", "output", "model_name") if not r[k].strip()]
         if empty:

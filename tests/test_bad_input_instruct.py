@@ -123,7 +123,7 @@ RESPONSE_CASES = {
     "model_response is null": (json.dumps([ANSWER, {**ANSWER, "model_response": None}]).encode(),
                                ["entry 1 has no string 'model_response'", "null (None)"]),
     "no model_name": (json.dumps([{k: v for k, v in ANSWER.items() if k != "model_name"}]).encode(),
-                      ["entry 0 has no string 'model_name'"]),
+                      ["entry 0 has no string 'model_name'", "the key is missing"]),
     "empty instruction": (json.dumps([ANSWER, ANSWER, {**ANSWER, "instruction": ""}]).encode(),
                           ["entry 2 has an empty 'instruction'"]),
 }
