@@ -696,7 +696,7 @@ def stream_chat(model: LlamaModel, tokenizer, messages, *, max_new_tokens: int =
     n_ctx = model.cfg["context_length"]
     if len(prompt_ids) >= n_ctx:
         raise ValueError(f"stream_chat: the conversation is {len(prompt_ids)} tokens once templated, but the "
-                         f"model reads at most {n_ctx}; drop or shorten earlier messages.")
+                         f"model's context holds at most {n_ctx} (and the reply needs room); drop or shorten earlier messages.")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(int(seed))
