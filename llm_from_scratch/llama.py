@@ -271,12 +271,17 @@ class LlamaCache(KVCache):
         self.length += n
         self.next_pos += n
 
-    def slide(self, n: int) -> None:
-        "Forget the oldest `n` cached tokens, keeping the rest (and their rotations) in place at the front."
-        if not 0 <= n <= self.length:
-            raise KVCacheError(f"LlamaCache.slide: n={n} must be between 0 and the {self.length} cached tokens.")
+    def slide(self, n: int, keep_first: int = 0) -> None:
+        """Forget `n` cached tokens after the first `keep_first` (the oldest, by default), keeping the rest and
+        their rotations; the kept ones move to the front, in order."""
+        if isinstance(keep_first, bool) or not isinstance(keep_first, int) or keep_first < 0:
+            raise KVCacheError(f"LlamaCache.slide: keep_first={keep_first!r} must be an int >= 0.")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.length - keep_first:
+            raise KVCacheError(f"LlamaCache.slide: n={n!r} must be an int between 0 and the {self.length} cached "
+                               f"tokens less the {keep_first} kept at the start.")
+        a = keep_first
         for buf in self.keys + self.values:
-            buf[:, :, :self.length - n] = buf[:, :, n:self.length].clone()
+            buf[:, :, a:self.length - n] = buf[:, :, a + n:self.length].clone()
         self.length -= n
 
 # %% ../nbs/appendix_g_llama.ipynb #cb4e5208
@@ -325,7 +330,7 @@ def load_hf_llama_weights(model: LlamaModel, state_dict: Mapping, source: str = 
                     continue                                       # tied: the embedding is the head
                 raise LlamaWeightsError(f"{source} has no tensor {hf!r} (our {mine}); the file is incomplete or "
                                         "holds another model.")
-            t = torch.as_tensor(state_dict[hf])
+            t = torch.as_tensor(state_dict[hf], device=ours[mine].device)
             if tuple(t.shape) != tuple(ours[mine].shape):
                 raise LlamaWeightsError(f"{source}: tensor {hf!r} has shape {tuple(t.shape)}, but {mine} needs "
                                         f"{tuple(ours[mine].shape)} for this config; the file and config disagree.")
@@ -647,7 +652,7 @@ def load_smollm2(source: str = "auto", device=None, *, timeout: float = 5.0):
                                                f"float32: 4-bit approximations of the weights; tensors: {kinds})")
     return model, SmolLM2Tokenizer.from_gguf(g)
 
-# %% ../nbs/appendix_g_llama.ipynb #c5b76da3
+# %% ../nbs/appendix_g_llama.ipynb #80e28a51
 @torch.no_grad()
 def generate_llama(model: LlamaModel, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
                    top_k: int | None = None, stop_ids: Sequence[int] = (), generator: torch.Generator | None = None,
@@ -683,9 +688,9 @@ def generate_llama(model: LlamaModel, prompt_ids: Sequence[int], max_new_tokens:
         ids.append(nxt)
         feed = torch.tensor([[nxt]], device=device)                                   # (1, 1)
 
-# %% ../nbs/appendix_g_llama.ipynb #8effee40
+# %% ../nbs/appendix_g_llama.ipynb #54ceb912
 def chat_stop_ids(tokenizer) -> tuple[int, ...]:
-    "The ids that end an assistant turn: the tokenizer's eos (`<|im_end|>`) and `<|endoftext|>` where it exists."
+    "The ids that end an assistant turn: the tokenizer's eos (`<|im_end|>`) and `<|endoftext|>` where it exists (defined in appendix G)."
     ids = {tokenizer.eos_id}
     for t in ("<|im_end|>", "<|endoftext|>"):
         if t in tokenizer.special_tokens:

@@ -277,3 +277,23 @@ def test_real_smollm2_matches_transformers(tmp_path):
     assert diff < 1e-3
     assert list(generate_llama(model, ids, 10)) == out[0, len(ids):].tolist()
     assert "Paris" in chat(model, tok, messages, max_new_tokens=20)
+
+
+def test_sliding_cache_keeps_rotations_and_sinks(tiny_gguf):
+    model = load_llama_gguf(tiny_gguf[0])
+    ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(1))
+    cache = LlamaCache.for_model(model, 1, capacity=8)
+    with torch.no_grad():
+        model(ids[:, :8], cache)
+    keys = cache.keys[0][:, :, :8].clone()
+    cache.slide(2, keep_first=1)
+    assert (cache.length, cache.next_pos) == (6, 8)
+    assert torch.equal(cache.keys[0][:, :, :1], keys[:, :, :1])            # the kept first token
+    assert torch.equal(cache.keys[0][:, :, 1:6], keys[:, :, 3:8])           # the rest moved up, rotations as they were
+    with torch.no_grad():
+        out = model(ids[:, 8:10], cache)                                    # positions 8 and 9
+    assert out.shape == (1, 2, model.cfg["vocab_size"]) and cache.next_pos == 10
+    with pytest.raises(Exception, match="must be an int between"):
+        cache.slide(9)
+    with pytest.raises(Exception, match="capacity"):
+        model(ids[:, :5], cache)                                            # 8 + 5 > capacity 8
