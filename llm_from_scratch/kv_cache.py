@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .feed_forward import FeedForward
+from .feed_forward import GELU, FeedForward
+from .layer_norm import LayerNorm
 from .model import GPTModel, TransformerBlock
 
 # %% auto #0
@@ -140,21 +142,18 @@ def cached_forward(model: GPTModel, idx: torch.Tensor, cache: KVCache, *, last_o
     x = model.tok_emb(idx) + model.pos_emb(pos)                        # (B, T_new, C); drop_emb is off in eval
     for i, block in enumerate(model.trf_blocks):
         att = block.att
-        h = block.norm1(x)                                             # (B, T_new, C)
+        h = _decode_norm(block.norm1, x)                               # (B, T_new, C)
         q = att._split(_decode_linear(att.W_query, h))                 # (B, H, T_new, hd)
         k, v = cache.update(i, att._split(_decode_linear(att.W_key, h)),
                             att._split(_decode_linear(att.W_value, h)))   # (B, H, start+T_new, hd)
-        scores = q @ k.transpose(-2, -1)                               # (B, H, T_new, start+T_new)
-        if t_new > 1:                                                  # new tokens must not see later new ones
-            scores = scores.masked_fill(att.mask[start:start + t_new, :start + t_new].bool(), -torch.inf)
-        weights = torch.softmax(scores / k.shape[-1] ** 0.5, dim=-1)
-        context = (weights @ v).transpose(1, 2).reshape(b, t_new, att.d_out)  # (B, T_new, C)
+        context = _cached_attention(q, k, v, att.mask, start)          # (B, H, T_new, hd)
+        context = context.transpose(1, 2).reshape(b, t_new, att.d_out)  # (B, T_new, C)
         x = x + _decode_linear(att.out_proj, context)
-        x = x + _decode_ff(block.ff, block.norm2(x))
+        x = x + _decode_ff(block.ff, _decode_norm(block.norm2, x))
     cache.length = start + t_new
     if last_only:
         x = x[:, -1:, :]                                               # the output head only where needed
-    return _decode_linear(model.out_head, model.final_norm(x))         # (B, 1 or T_new, V)
+    return _decode_linear(model.out_head, _decode_norm(model.final_norm, x))         # (B, 1 or T_new, V)
 
 # %% ../nbs/27_whats_next.ipynb #9b47e3d2
 _SPLIT_MIN_WEIGHTS = 2**16     # smaller matrices: one plain call costs less than the split
@@ -194,12 +193,42 @@ def _decode_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         y = torch.cat([y, rest])                                      # (out, rows)
     return y.t().reshape(*x.shape[:-1], out_f)                        # (..., out)
 
+_FUSE_SMALL_OPS = True        # False: call the course's LayerNorm/GELU and spell attention out (the timings compare)
+
+def _cached_attention(q, k, v, mask, start: int):
+    """New queries `q` (B, H, T_new, hd) attend to the cached and new keys/values `k`, `v` (B, H, start+T_new, hd) (defined in part 27).
+
+    The explicit path is part 12's softmax(q k^T / sqrt(hd)) v, with the causal `mask` rows of the new positions
+    (a single new token sees everything cached, so it needs no mask). The fused path is one call of PyTorch's
+    `scaled_dot_product_attention`, the same arithmetic in one kernel: equal up to rounding.
+    """
+    t_new = q.shape[-2]
+    causal = mask[start:start + t_new, :start + t_new].bool() if t_new > 1 else None   # True = a later token
+    if _FUSE_SMALL_OPS:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal is None else ~causal)
+    scores = q @ k.transpose(-2, -1)                                  # (B, H, T_new, start+T_new)
+    if causal is not None:
+        scores = scores.masked_fill(causal, -torch.inf)
+    return torch.softmax(scores / k.shape[-1] ** 0.5, dim=-1) @ v     # (B, H, T_new, hd)
+
+def _decode_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    "`norm(x)`; the course's `LayerNorm` (part 16) as PyTorch's one-kernel `F.layer_norm` with its own scale, shift and eps."
+    if not _FUSE_SMALL_OPS or type(norm) is not LayerNorm or _called_as_is(norm):
+        return norm(x)
+    return F.layer_norm(x, (norm.emb_dim,), norm.scale, norm.shift, norm.eps)   # same formula, one kernel
+
 def _decode_ff(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
     "`ff(x)`, the course's `FeedForward` with its two layers through `_decode_linear`; any other module is called."
     if type(ff).forward is not FeedForward.forward or len(ff.layers) != 3 or _called_as_is(ff):
         return ff(x)
     expand, act, contract = ff.layers                                 # Linear, GELU, Linear
-    return _decode_linear(contract, act(_decode_linear(expand, x)))
+    h = _decode_linear(expand, x)                                     # (..., 4C)
+    if _FUSE_SMALL_OPS and type(act) is GELU and not _called_as_is(act):
+        h = F.gelu(h, approximate="tanh")                             # part 17's tanh formula, one kernel
+    else:
+        h = act(h)
+    return _decode_linear(contract, h)
+
 
 # %% ../nbs/27_whats_next.ipynb #accdc210
 class CachedDecoder:
