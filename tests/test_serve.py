@@ -4,7 +4,6 @@ import http.client
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -63,6 +62,17 @@ def test_judge_pipeline_scores_through_the_server(tmp_path):
                                        progress=False)
     assert scores == [42] * 5
     assert len(path.read_text().splitlines()) == 6                # a header and one line per entry
+
+
+def test_a_reply_cut_at_the_token_limit_is_unscored_and_the_run_goes_on(tmp_path):
+    entries = [{"instruction": "Task", "input": "", "output": "ok", "model_response": r} for r in ("85", "a b c 90")]
+    with Server(EchoBackend(name="judge"), port=0, num_predict=2) as server:   # the judge echoes the prompt's words
+        path = tmp_path / "scores.jsonl"
+        scores = generate_model_scores(entries, "model_response", "judge", url=server.chat_url, results_path=path,
+                                       progress=False)
+    records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    assert scores == [None, None]                 # the echoed prompt is far longer than 2 words: both cut
+    assert [r.get("stopped") for r in records] == ["length", "length"] and records[0]["reply"] is None
 
 
 def test_streamed_reply_is_ndjson_ending_in_done(echo_server):
@@ -190,18 +200,14 @@ def test_cli_refuses_a_non_loopback_host():
 
 
 def _read_line(proc, deadline_s=120):
-    "The first line on the process's stdout, waiting at most deadline_s."
-    end, line = time.monotonic() + deadline_s, ""
-    while not line.endswith("\n"):
-        left = end - time.monotonic()
-        ready, _, _ = select.select([proc.stdout], [], [], max(left, 0))
-        if not ready:
-            raise AssertionError(f"no address line within {deadline_s} s; got {line!r}")
-        ch = proc.stdout.read(1)
-        if not ch:
-            raise AssertionError(f"the server exited: {line!r} {proc.stderr.read()}")
-        line += ch
-    return line
+    "The first line on the process's stdout, waiting at most deadline_s (readline in a thread: a pipe has no timeout)."
+    box = []
+    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(deadline_s)
+    if not box or not box[0].endswith("\n"):
+        raise AssertionError(f"no address line within {deadline_s} s; got {box!r}")
+    return box[0]
 
 
 def test_cli_serves_on_a_free_port_and_stops_on_sigterm():
