@@ -147,10 +147,11 @@ def plan_generation(backend: ChatBackend, messages: list[dict], options: ChatOpt
     context = min(options.num_ctx or backend.context_length, backend.context_length)
     n_prompt = backend.count_tokens(messages)
     if n_prompt >= context:
+        window = (f"options.num_ctx={options.num_ctx}; " if options.num_ctx else "") + \
+                 f"{backend.name} reads at most {backend.context_length}"
         raise PromptTooLongError(
-            f"the prompt is {n_prompt} tokens, but the context window is {context} tokens (num_ctx="
-            f"{options.num_ctx}; {backend.name} reads at most {backend.context_length}) and the reply needs room "
-            "too. Send a shorter conversation, or a larger options.num_ctx if the model allows it.")
+            f"the prompt is {n_prompt} tokens, but the context window is {context} tokens ({window}) and the "
+            "reply needs room too. Send a shorter conversation, or a larger options.num_ctx if the model allows it.")
     room = context - n_prompt
     return n_prompt, context, room if options.num_predict == -1 else min(options.num_predict, room)
 
