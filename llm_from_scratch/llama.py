@@ -28,7 +28,7 @@ __all__ = ['LLAMA_CONFIG_KEYS', 'SMOLLM2_135M_CONFIG', 'SMOLLM2_NAME', 'SMOLLM2_
            'INSTALL_HINT', 'SMOLLM2_DEFAULT_SYSTEM', 'CHAT_ROLES', 'HUB_FILES', 'rope_inv_freq', 'rope_cos_sin',
            'apply_rope', 'RMSNorm', 'SwiGLUFeedForward', 'repeat_kv', 'causal_mask', 'GroupedQueryAttention',
            'validate_llama_config', 'LlamaBlock', 'LlamaModel', 'LlamaCache', 'LlamaWeightsError', 'hf_llama_names',
-           'load_hf_llama_weights', 'smollm2_gguf_path', 'unpermute_qk', 'permute_qk', 'GGUFModel',
+           'empty_llama', 'load_hf_llama_weights', 'smollm2_gguf_path', 'unpermute_qk', 'permute_qk', 'GGUFModel',
            'llama_config_from_gguf', 'load_llama_gguf', 'SmolLM2Tokenizer', 'check_messages', 'apply_chat_template',
            'llama_config_from_hf', 'load_llama_hub', 'smollm2_available', 'load_smollm2', 'generate_llama',
            'chat_stop_ids', 'stream_chat', 'chat']
@@ -271,12 +271,17 @@ class LlamaCache(KVCache):
         self.length += n
         self.next_pos += n
 
-    def slide(self, n: int) -> None:
-        "Forget the oldest `n` cached tokens, keeping the rest (and their rotations) in place at the front."
-        if not 0 <= n <= self.length:
-            raise KVCacheError(f"LlamaCache.slide: n={n} must be between 0 and the {self.length} cached tokens.")
+    def slide(self, n: int, keep_first: int = 0) -> None:
+        """Forget `n` cached tokens after the first `keep_first` (the oldest, by default), keeping the rest and
+        their rotations; the kept ones move to the front, in order."""
+        if isinstance(keep_first, bool) or not isinstance(keep_first, int) or keep_first < 0:
+            raise KVCacheError(f"LlamaCache.slide: keep_first={keep_first!r} must be an int >= 0.")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.length - keep_first:
+            raise KVCacheError(f"LlamaCache.slide: n={n!r} must be an int between 0 and the {self.length} cached "
+                               f"tokens less the {keep_first} kept at the start.")
+        a = keep_first
         for buf in self.keys + self.values:
-            buf[:, :, :self.length - n] = buf[:, :, n:self.length].clone()
+            buf[:, :, a:self.length - n] = buf[:, :, a + n:self.length].clone()
         self.length -= n
 
 # %% ../nbs/appendix_g_llama.ipynb #cb4e5208
@@ -295,6 +300,16 @@ def hf_llama_names(n_layers: int) -> dict[str, str]:
     for i in range(n_layers):
         names.update({f"model.layers.{i}.{hf}": f"trf_blocks.{i}.{ours}" for hf, ours in per_layer.items()})
     return names
+
+def empty_llama(cfg: Mapping, name: str) -> LlamaModel:
+    """A `LlamaModel` whose weights are allocated but not initialised, for a loader that overwrites them all (defined in appendix G)."""
+    with torch.device("meta"):                                     # no memory, no random init (~1 s for SmolLM2)
+        model = LlamaModel(cfg, name)
+    model = model.to_empty(device="cpu")
+    model.inv_freq = rope_inv_freq(model.cfg["emb_dim"] // model.cfg["n_heads"], model.cfg["rope_base"])
+    if model.cfg["tie_embeddings"]:
+        model.out_head.weight = model.tok_emb.weight
+    return model
 
 def load_hf_llama_weights(model: LlamaModel, state_dict: Mapping, source: str = "the checkpoint") -> LlamaModel:
     """Copy a Hugging Face Llama state dict (`model.layers.N.self_attn.q_proj.weight`, ...) into `model` (defined in appendix G).
@@ -315,7 +330,7 @@ def load_hf_llama_weights(model: LlamaModel, state_dict: Mapping, source: str = 
                     continue                                       # tied: the embedding is the head
                 raise LlamaWeightsError(f"{source} has no tensor {hf!r} (our {mine}); the file is incomplete or "
                                         "holds another model.")
-            t = torch.as_tensor(state_dict[hf])
+            t = torch.as_tensor(state_dict[hf], device=ours[mine].device)
             if tuple(t.shape) != tuple(ours[mine].shape):
                 raise LlamaWeightsError(f"{source}: tensor {hf!r} has shape {tuple(t.shape)}, but {mine} needs "
                                         f"{tuple(ours[mine].shape)} for this config; the file and config disagree.")
@@ -464,7 +479,7 @@ def load_llama_gguf(path, device=None, name: str | None = None) -> LlamaModel:
                                         f"{heads} heads of {head_dim} need ({heads * head_dim}, {cfg['emb_dim']}).")
             w = unpermute_qk(w, heads)
         state[hf] = w
-    model = LlamaModel(cfg, name=name or f"{g.metadata.get('general.name', g.path.stem)} (from {g.path.name})")
+    model = empty_llama(cfg, name=name or f"{g.metadata.get('general.name', g.path.stem)} (from {g.path.name})")
     load_hf_llama_weights(model, state, source=g.path.name)
     return model.to(get_device(device))
 
@@ -593,7 +608,7 @@ def load_llama_hub(repo: str = SMOLLM2_REPO, device=None, *, timeout: float = 5.
     """`(model, tokenizer)` from the Hugging Face Hub's `config.json`, `model.safetensors`, `tokenizer.json` (defined in appendix G)."""
     from safetensors.torch import load_file
     config, weights, tok = _hub_files(repo, timeout)
-    model = LlamaModel(llama_config_from_hf(json.loads(config.read_text())),
+    model = empty_llama(llama_config_from_hf(json.loads(config.read_text())),
                        name=f"{repo.split('/')[-1]} (Llama-style, not GPT-2; Hugging Face Hub safetensors, float32)")
     load_hf_llama_weights(model, load_file(str(weights)), source=f"{repo}/model.safetensors")
     return model.to(get_device(device)), SmolLM2Tokenizer.from_tokenizer_json(tok)
@@ -637,7 +652,7 @@ def load_smollm2(source: str = "auto", device=None, *, timeout: float = 5.0):
                                                f"float32: 4-bit approximations of the weights; tensors: {kinds})")
     return model, SmolLM2Tokenizer.from_gguf(g)
 
-# %% ../nbs/appendix_g_llama.ipynb #92cfceb3
+# %% ../nbs/appendix_g_llama.ipynb #80e28a51
 @torch.no_grad()
 def generate_llama(model: LlamaModel, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
                    top_k: int | None = None, stop_ids: Sequence[int] = (), generator: torch.Generator | None = None,
@@ -673,9 +688,9 @@ def generate_llama(model: LlamaModel, prompt_ids: Sequence[int], max_new_tokens:
         ids.append(nxt)
         feed = torch.tensor([[nxt]], device=device)                                   # (1, 1)
 
-# %% ../nbs/appendix_g_llama.ipynb #98fbc42f
+# %% ../nbs/appendix_g_llama.ipynb #54ceb912
 def chat_stop_ids(tokenizer) -> tuple[int, ...]:
-    "The ids that end an assistant turn: the tokenizer's eos (`<|im_end|>`) and `<|endoftext|>` where it exists."
+    "The ids that end an assistant turn: the tokenizer's eos (`<|im_end|>`) and `<|endoftext|>` where it exists (defined in appendix G)."
     ids = {tokenizer.eos_id}
     for t in ("<|im_end|>", "<|endoftext|>"):
         if t in tokenizer.special_tokens:
@@ -696,7 +711,7 @@ def stream_chat(model: LlamaModel, tokenizer, messages, *, max_new_tokens: int =
     n_ctx = model.cfg["context_length"]
     if len(prompt_ids) >= n_ctx:
         raise ValueError(f"stream_chat: the conversation is {len(prompt_ids)} tokens once templated, but the "
-                         f"model reads at most {n_ctx}; drop or shorten earlier messages.")
+                         f"model's context holds at most {n_ctx} (and the reply needs room); drop or shorten earlier messages.")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(int(seed))
