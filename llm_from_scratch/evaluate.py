@@ -29,9 +29,9 @@ from .instruct import format_input
 # %% auto #0
 __all__ = ['OLLAMA_URL', 'MAX_REPLY_BYTES', 'judge_prompt', 'parse_score', 'JudgeError', 'JudgeURLError', 'JudgeUnavailableError',
            'JudgeTLSError', 'JudgeRedirectError', 'JudgeModelNotFoundError', 'JudgeRateLimitError', 'JudgeServerError',
-           'JudgeTimeoutError', 'JudgeReplyError', 'JudgeResultsFileError', 'JudgeInputError', 'query_model',
-           'generate_model_scores', 'score_summary', 'pearson', 'rank_average', 'spearman', 'kendall_tau',
-           'rouge_tokens', 'lcs_length', 'rouge_l', 'answer_loss']
+           'JudgeTimeoutError', 'JudgeReplyError', 'JudgeLengthError', 'JudgeResultsFileError', 'JudgeInputError',
+           'query_model', 'generate_model_scores', 'score_summary', 'pearson', 'rank_average', 'spearman',
+           'kendall_tau', 'rouge_tokens', 'lcs_length', 'rouge_l', 'answer_loss']
 
 # %% ../nbs/26_evaluation.ipynb #e0338585
 def judge_prompt(entry: dict, json_key: str = "model_response") -> str:
@@ -103,6 +103,9 @@ class JudgeTimeoutError(JudgeError):
 
 class JudgeReplyError(JudgeError):
     """A reply that cannot be used: not JSON, cut short, too large, or stopped at a length limit (defined in part 26)."""
+
+class JudgeLengthError(JudgeReplyError):
+    """The judge stopped writing at its token limit (done_reason or finish_reason "length"): not a whole reply (defined in part 26)."""
 
 class JudgeResultsFileError(JudgeError, ValueError):
     """results_path names a file that is not a results file of this run; it is left untouched (defined in part 26)."""
@@ -397,9 +400,10 @@ class _ReplyAssembler:
                                        f"chunk{'' if self.chunks == 1 else 's'}, no {end}; text so far "
                                        f"{''.join(self.parts)[:40]!r})")
         if self.stop_reason in ("length", "content_filter"):
-            raise JudgeReplyError(f"the judge at {self.url} stopped its reply early ({self.stop_reason!r}): the "
-                                  f"text {''.join(self.parts)[:60]!r} is not a whole reply. Give the judge more room "
-                                  "(num_ctx=, or the server's token limit) or a shorter prompt.")
+            cls = JudgeLengthError if self.stop_reason == "length" else JudgeReplyError
+            raise cls(f"the judge at {self.url} stopped its reply early ({self.stop_reason!r}): the text "
+                      f"{''.join(self.parts)[:60]!r} is not a whole reply. Give the judge more room (num_ctx=, or "
+                      "the server's token limit) or a shorter prompt.")
         return "".join(self.parts)
 
 def _read_reply(resp, api: str, url: str, max_bytes: int) -> str:
@@ -694,7 +698,9 @@ def generate_model_scores(json_data, json_key: str, model: str = "llama3", *, ur
     A reply without a single valid 0-100 integer gives None: it is kept in its place and counted, never scored
     as 0 and never dropped (so the scores still line up with the entries). With `results_path`, every reply is
     appended to that JSON-lines file as it arrives, and a rerun skips the entries already there: an interrupted
-    run resumes where it stopped, without duplicates. A file that is not a results file of this run (another
+    run resumes where it stopped, without duplicates. A reply the judge cut off at its token limit
+    (`JudgeLengthError`: a judge that rambles) holds no whole score either: it is None too, recorded with
+    `"stopped": "length"`, and the run goes on. A file that is not a results file of this run (another
     model, key or data, or not a results file at all, such as part 25's answers) is refused with
     `JudgeResultsFileError` before it is touched. `query_kwargs` go to `query_model` (api, timeout, retries,
     backoff, seed, temperature, num_ctx, api_key, ...). A judge that cannot be reached stops the run with
@@ -718,11 +724,15 @@ def generate_model_scores(json_data, json_key: str, model: str = "llama3", *, ur
     todo = [i for i in range(len(data)) if i not in done]
     with tqdm(total=len(data), initial=len(done), desc=f"scoring {json_key} with {model}", disable=not progress) as bar:
         for i in todo:
-            reply = query_model(prompts[i], model=model, url=url, **query_kwargs)
+            record = {"index": i, "prompt_id": ids[i]}
+            try:
+                reply = query_model(prompts[i], model=model, url=url, **query_kwargs)
+            except JudgeLengthError:                      # ran out of tokens before it finished: no whole score
+                reply, record["stopped"] = None, "length"
             scores[i] = parse_score(reply)
             unscored += scores[i] is None
             if path is not None:
-                _append_record(path, {"index": i, "prompt_id": ids[i], "score": scores[i], "reply": reply})
+                _append_record(path, {**record, "score": scores[i], "reply": reply})
             bar.update(1)
             bar.set_postfix(no_score=unscored)
     return [scores[i] for i in range(len(data))]
