@@ -500,8 +500,8 @@ def _post_once(target, data: bytes, headers: dict, api: str, deadline: float, ma
                          "valid key: pass api_key= (sent as 'Authorization: Bearer ...' to this host only).")
     if status == 404:
         if "model" in detail.lower():
-            how = (f"pull it first: `ollama pull {model}` (`ollama list` shows what is there), or pass model="
-                   if api == "ollama" else "check model= (the server lists its models at /v1/models)")
+            how = (f"pass model= one the server has (GET /api/tags lists them); with Ollama, `ollama pull {model}` "
+                   "fetches it" if api == "ollama" else "check model= (the server lists its models at /v1/models)")
         else:
             how = ("check the path of url=: Ollama's chat endpoint is /api/chat, an OpenAI-compatible server's "
                    f"/v1/chat/completions; if the path is right, the model may be missing: `ollama pull {model}`")
