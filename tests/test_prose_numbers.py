@@ -36,7 +36,7 @@ APPROX = re.compile(r"(about|roughly|around|nearly|near|almost|approximately|som
 UNIT_TIME = r"(?:ms|µs|us|ns|s|sec|secs|seconds?|min|mins|minutes?|h|hours?)"
 # One pattern, four kinds; group "num" is the number as written.
 NUMBER = re.compile(
-    r"(?<![\w.\-/])(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d+)"
+    r"(?:(?<=[\s(]x)|(?<=[\s(]×)|(?<![\w.\-/]))(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d+)"
     r"(?:(?P<pct>\s?%)|(?P<ratio>\s?[x×](?![\w]))|(?P<time>\s?" + UNIT_TIME + r"\b(?![-/]))|(?![\d.]\d))")
 NOT_A_MEASUREMENT = re.compile(              # section numbers, versions, dates: not claims about an output
     r"(section|sections|chapter|chapters|figure|listing|table|appendix|equation|eq\.|step|python|torch|"
@@ -282,6 +282,14 @@ def test_checker_catches_a_stale_ratio_and_a_stale_comment(tmp_path):
     rep = check_notebook(_fake_nb(tmp_path, "Long messages.", code='s = "Free entry! " * 40  # 160 tokens',
                                   output="121 tokens"))
     assert len(rep.problems) == 1 and "160 tokens" in rep.problems[0]
+
+
+def test_checker_reads_a_growth_factor_written_before_the_number(tmp_path):
+    """Part 27 wrote "grew x2.70" for a while after its output said x2.06: a factor written as "x2.70" is checked too."""
+    rep = check_notebook(_fake_nb(tmp_path, "From 513 to 1024 tokens its time grew x2.70.", output="time x2.06 measured"))
+    assert len(rep.problems) == 1 and "2.70" in rep.problems[0]
+    rep = check_notebook(_fake_nb(tmp_path, "From 513 to 1024 tokens its time grew x2.06.", output="time x2.06 measured"))
+    assert rep.problems == [] and rep.checked == 1
 
 
 def test_checker_accepts_shown_numbers_references_and_roundings(tmp_path):
