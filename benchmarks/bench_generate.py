@@ -46,7 +46,8 @@ greedy tokens, context_size 1024 (so no cropping: the window never slides and th
 The default run takes about 5 minutes on the 2-core CPU (the book's uncached loop is most of it).
 
 The `key=value` lines before the last one (`make bench` collects them): bandwidth_gbs, generate_floor_tok_s,
-generate_tok_s, generate_share_of_floor, generate_vs_book_kv (ours over the book's KV-cache model, both cached),
+generate_tok_s, generate_share_of_floor, generate_products_share (the matrix-vector products alone, timed back to
+back each round: their bytes / bandwidth / time), generate_vs_book_kv (ours over the book's KV-cache model, both cached),
 generate_bf16_share / generate_int8_share (share of their own floors, when measured), generate_batch8_tok_s.
 The LAST line printed is always `generate_vs_book=<ratio>`: median seconds of the book's uncached loop over ours.
 
@@ -221,6 +222,19 @@ def without_split(fn):
     return run
 
 
+def products_only(model, device):
+    """A function that runs one token's matrix-vector products and nothing else: every nn.Linear of `model`
+    through part 27's `_decode_linear` (the row split), back to back, on a (1, 1, in) input. Its time is what a
+    decoding step would cost with no attention, norms, cache writes or Python between the products."""
+    layers = [m for m in model.modules() if type(m) is nn.Linear]
+    xs = {m.in_features: torch.randn(1, 1, m.in_features, device=device) for m in layers}
+
+    def run():
+        for m in layers:
+            kv_cache._decode_linear(m, xs[m.in_features])
+    return run
+
+
 def fmt_share(tps, floor):
     return f"{tps / floor:6.1%}" if floor > 0 else "   n/a"
 
@@ -341,7 +355,8 @@ def main():
         floors[name] = weight_bytes_per_token(m) + kv_bytes_per_token(m, avg_len)
 
     buf = torch.ones(GiB // 4, device=device)                      # 1 GiB of float32
-    bws, times = [], {k: [] for k in contestants}
+    products = products_only(ours, device)
+    bws, prod_times, times = [], [], {k: [] for k in contestants}
     with torch.no_grad():
         n = 8                                                      # the closures read n: a short untimed warm-up
         for fn, _ in contestants.values():
@@ -350,7 +365,9 @@ def main():
         ref = None
         for r in range(args.rounds):
             bws.append(read_bandwidth(buf, device))
-            line = [f"round {r + 1}: memory {bws[-1] / 1e9:5.1f} GB/s"]
+            products()
+            prod_times.append(statistics.median(timed(products, device)[0] for _ in range(5)))
+            line = [f"round {r + 1}: memory {bws[-1] / 1e9:5.1f} GB/s, products alone {prod_times[-1] * 1e3:4.1f} ms"]
             for name, (fn, check) in contestants.items():
                 t, out = timed(fn, device)
                 times[name].append(t)
@@ -371,6 +388,12 @@ def main():
           f"position {avg_len:.1f}) = {(w32 + kv32) / 1e6:.1f} MB -> floor {1e3 / floor_tps:.1f} ms/token = "
           f"{floor_tps:.1f} tok/s")
     med = {k: statistics.median(v) for k, v in times.items()}
+    prod_s = statistics.median(prod_times)
+    lin_bytes = sum(p.numel() * p.element_size() for m in ours.modules() if type(m) is nn.Linear for p in m.parameters())
+    print(f"the products alone (every linear layer's matrix-vector product through _decode_linear, back to back): "
+          f"{prod_s * 1e3:.1f} ms per token for {lin_bytes / 1e6:.1f} MB = {lin_bytes / prod_s / 1e9:.1f} GB/s, "
+          f"{lin_bytes / bw / prod_s:.0%} of the read bandwidth; the whole cached step: {med['ours'] / n * 1e3:.1f} ms, "
+          f"so {med['ours'] / n * 1e3 - prod_s * 1e3:.1f} ms of each step is everything else")
     print(f"\n{'contestant':16s} {'tok/s':>7s} {'ms/token':>9s} {'MB/token':>9s} {'floor tok/s':>11s} {'share':>7s}  tokens")
     for name in contestants:
         tps, fl = n / med[name], bw / floors[name]
@@ -420,6 +443,7 @@ def main():
     print(f"generate_floor_tok_s={floor_tps:.2f}")
     print(f"generate_tok_s={tps_ours:.2f}")
     print(f"generate_share_of_floor={tps_ours / floor_tps:.3f}")
+    print(f"generate_products_share={lin_bytes / bw / prod_s:.3f}")
     print(f"generate_vs_book_kv={med['book KV'] / med['ours']:.2f}")
     for key, name in (("generate_bf16_share", "bf16"), ("generate_int8_share", "int8 dyn")):
         if name in med:

@@ -7,14 +7,16 @@ Not a test (speed is never asserted). Configuration: GPT-2 124M, context 256, ba
   book + levers   the same model with the two levers that need no change to it: fused AdamW and bfloat16
                   autocast (the strongest version of the book's model, the yardstick that matters)
   ours            llm_from_scratch.model.GPTModel, explicit attention, the same optimizer (the same maths)
-  + sdpa          fused attention (F.scaled_dot_product_attention)
+  + sdpa          fused attention (F.scaled_dot_product_attention); on a CPU it has no fused kernel with dropout
   + fused AdamW   torch.optim.AdamW(fused=True)
-  + bf16          bfloat16 autocast for the matmuls (weights, gradients and optimizer state stay float32):
-                  OUR FAST PATH on a CPU
-  + pad vocab     FastGPTModel: vocabulary padded to 50,304 (a GPU lever: appendix E measured it slower on
-                  this CPU, so it is raced but not part of the fast path)
-  explicit+levers ours with the book's explicit attention and the book's two levers: same work as book + levers
-  + compile       torch.compile of the fast path (only with --compile; its compile time is printed separately)
+  + bf16          bfloat16 autocast for the matmuls (weights, gradients and optimizer state stay float32)
+  + explicit att  back to the explicit attention: the same work as book + levers, in our code
+  + small ops     FastGPTModel (unpadded): one kernel per LayerNorm and GELU (F.layer_norm, F.gelu)
+  + chunked CE    train_step(cross_entropy=chunked_cross_entropy): the loss without full-size float32 copies
+                  of the logits. OUR FAST PATH on a CPU
+  + pad vocab     the fast path with the vocabulary padded to 50,304 (a GPU lever: appendix E measured it
+                  slower on this CPU, so it is raced but not part of the fast path)
+  + compile       torch.compile of the fast path's model (only with --compile; compile time printed apart)
 
 All run in one process, in alternating rounds (book, ours, ..., book, ours, ...) after untimed warm-up rounds;
 each contestant's median step gives tokens/s, and the spread (slowest minus fastest round) says how much to
@@ -33,13 +35,13 @@ import torch
 
 from llm_from_scratch.core import describe_run, set_seed
 from llm_from_scratch.model import GPT_CONFIG_124M, GPTModel
-from llm_from_scratch.speed import (bf16_helps, fast_adamw, make_fast, matmul_peak_flops, median, race, train_step,
-                                    training_flops_per_token)
+from llm_from_scratch.speed import (bf16_helps, chunked_cross_entropy, fast_adamw, make_fast, matmul_peak_flops, median,
+                                    race, train_step, training_flops_per_token)
 
 
 BOOK = "book: llms_from_scratch GPTModel, the book's way"
 BOOK_LEVERS = "book's model + fused AdamW + bf16 autocast"
-FAST = "+ bfloat16 autocast"            # our fast path on a CPU: appendix E measured the padded vocabulary slower here
+FAST = "+ chunked cross-entropy: OUR FAST PATH"   # on a CPU: appendix E measured the padded vocabulary slower here
 
 
 def book_step(model, optimizer, x, y, autocast_dtype=None):
@@ -89,14 +91,17 @@ def main():
     ours = GPTModel(cfg).train()
     ours_opt = torch.optim.AdamW(ours.parameters(), lr=4e-4, weight_decay=0.1)
     ours_fused = fast_adamw(ours)
-    fast = make_fast(ours).train()
-    fast_opt = fast_adamw(fast)
+    fused = make_fast(ours, pad_vocab_multiple=None).train()          # same weights, one kernel per LayerNorm/GELU
+    fused_opt = fast_adamw(fused)
+    padded = make_fast(ours).train()                                  # the fast path with a padded vocabulary
+    padded_opt = fast_adamw(padded)
     bf16 = torch.bfloat16
+    chunked = chunked_cross_entropy
 
-    def rung(model, opt, sdpa, dtype=None):
+    def rung(model, opt, sdpa, dtype=None, cross_entropy=torch.nn.functional.cross_entropy):
         def step():
             model.set_sdpa(sdpa)
-            train_step(model, opt, x, y, device, autocast_dtype=dtype)
+            train_step(model, opt, x, y, device, autocast_dtype=dtype, cross_entropy=cross_entropy)
         return step
 
     book_fused = torch.optim.AdamW(book.parameters(), lr=4e-4, weight_decay=0.1, fused=True)
@@ -104,39 +109,43 @@ def main():
     def book_rung(opt, dtype=None):
         return lambda: book_step(book, opt, x, y, dtype)
 
-    contestants = {
-        BOOK: book_rung(book_opt),
-        BOOK_LEVERS: book_rung(book_fused, bf16),
-        "ours: GPTModel, explicit attention, AdamW": rung(ours, ours_opt, False),
-        "+ fused attention (SDPA)": rung(ours, ours_opt, True),
-        "+ fused AdamW": rung(ours, ours_fused, True),
-        FAST: rung(ours, ours_fused, True, bf16),
-        "+ vocabulary padded to 50,304": rung(fast, fast_opt, True, bf16),
-        "ours, explicit attention + fused AdamW + bf16": rung(ours, ours_fused, False, bf16),
+    contestants = {                                                   # name -> (step, arithmetic of its matmuls)
+        BOOK: (book_rung(book_opt), "fp32"),
+        BOOK_LEVERS: (book_rung(book_fused, bf16), "bf16"),
+        "ours: GPTModel, explicit attention, AdamW": (rung(ours, ours_opt, False), "fp32"),
+        "+ fused attention (SDPA)": (rung(ours, ours_opt, True), "fp32"),
+        "+ fused AdamW": (rung(ours, ours_fused, True), "fp32"),
+        "+ bfloat16 autocast": (rung(ours, ours_fused, True, bf16), "bf16"),
+        "+ explicit attention under dropout": (rung(ours, ours_fused, False, bf16), "bf16"),
+        "+ one kernel per LayerNorm and GELU": (rung(fused, fused_opt, True, bf16), "bf16"),
+        FAST: (rung(fused, fused_opt, True, bf16, chunked), "bf16"),
+        "+ vocabulary padded to 50,304": (rung(padded, padded_opt, True, bf16, chunked), "bf16"),
     }
     if args.compile:
         compiled = make_fast(ours, pad_vocab_multiple=None).train()
         compiled.compile()
         compiled_opt = fast_adamw(compiled)
         start = time.perf_counter()
-        train_step(compiled, compiled_opt, x, y, device, autocast_dtype=bf16)
+        train_step(compiled, compiled_opt, x, y, device, autocast_dtype=bf16, cross_entropy=chunked)
         print(f"torch.compile: first step (compiling) took {time.perf_counter() - start:.0f} s", flush=True)
-        contestants["+ torch.compile"] = rung(compiled, compiled_opt, True, bf16)
+        contestants["+ torch.compile"] = (rung(compiled, compiled_opt, True, bf16, chunked), "bf16")
 
     def show(i, times):
         print(f"  round {i + 1}: " + ", ".join(f"{t[-1]:.1f}" for t in times.values()) + " s/step", flush=True)
 
-    times = race(contestants, rounds=args.rounds, warmup_rounds=args.warmup_rounds, device=device, on_round=show)
-    uses_bf16 = {name for name in times if "bf16" in name or "bfloat16" in name or "padded" in name or "compile" in name}
+    times = race({name: step for name, (step, _) in contestants.items()}, rounds=args.rounds,
+                 warmup_rounds=args.warmup_rounds, device=device, on_round=show)
     book_s = median(times[BOOK])
     print(f"{'contestant':52s}{'s/step':>8s}{'spread':>8s}{'tok/s':>8s}{'x book':>8s}{'MFU':>7s}  of the peak of")
     for name, ts in times.items():
         tps = B * T / median(ts)
-        peak, arith = (peak16, "bf16") if name in uses_bf16 else (peak32, "fp32")
+        arith = contestants[name][1]
+        peak = peak16 if arith == "bf16" else peak32
         print(f"{name:52s}{median(ts):8.2f}{max(ts) - min(ts):8.2f}{tps:8,.0f}{book_s / median(ts):8.2f}"
               f"{tps * fpt / peak:7.1%}  {arith}")
     fast_s, levers_s = median(times[FAST]), median(times[BOOK_LEVERS])
-    print(f"fast path = ours with SDPA, fused AdamW and bfloat16 autocast ('{FAST}')")
+    print(f"fast path = FastGPTModel (unpadded: fused small ops, explicit attention under dropout on a CPU), "
+          f"fused AdamW, bfloat16 autocast, chunked cross-entropy ('{FAST}')")
     print(f"train_mfu={B * T / fast_s * fpt / peak16:.3f}")
     print(f"train_vs_book_levers={levers_s / fast_s:.2f}")
     print(f"train_vs_book={book_s / fast_s:.2f}")

@@ -134,12 +134,13 @@ def _training_setup(args):
                 peaks={"float32": peak32, "bfloat16": peak16}, sheet16=sheet16)
 
 
-def _rung(model, opt, setup, sdpa, dtype=None):
+def _rung(model, opt, setup, sdpa, dtype=None, cross_entropy=None):
     from llm_from_scratch.speed import train_step
+    ce = {} if cross_entropy is None else {"cross_entropy": cross_entropy}
 
     def step():
         model.set_sdpa(sdpa)
-        train_step(model, opt, setup["xb"], setup["yb"], setup["device"], autocast_dtype=dtype)
+        train_step(model, opt, setup["xb"], setup["yb"], setup["device"], autocast_dtype=dtype, **ce)
     return step
 
 
@@ -171,22 +172,27 @@ def _report(times, kinds, setup, first: str, json_path=None, extra=None) -> dict
 
 
 def cmd_ladder(args) -> dict:
-    "Appendix E's five rungs, one lever more each, in alternating rounds."
-    from llm_from_scratch.speed import fast_adamw, make_fast, race
+    "Appendix E's rungs, one lever more each, in alternating rounds; the last but one is the fast path."
+    from llm_from_scratch.speed import chunked_cross_entropy, fast_adamw, make_fast, race
     setup = _training_setup(args)
     set_seed(123)
     base = GPTModel(setup["cfg"]).to(setup["device"]).train()
     opt_plain = torch.optim.AdamW(base.parameters(), lr=4e-4, weight_decay=0.1)    # the book's optimizer
     opt_fused = fast_adamw(base)                                                    # same weights, fused kernel
+    fused = make_fast(base, pad_vocab_multiple=None).train()                      # one kernel per LayerNorm/GELU
+    opt_fused_model = fast_adamw(fused)
     padded = make_fast(base).train()
     opt_padded = fast_adamw(padded)
-    bf16 = torch.bfloat16
+    bf16, chunked = torch.bfloat16, chunked_cross_entropy
     rungs = {
         "baseline: explicit attention, AdamW, float32": (_rung(base, opt_plain, setup, False), "float32"),
         "+ fused attention (SDPA)": (_rung(base, opt_plain, setup, True), "float32"),
         "+ fused AdamW": (_rung(base, opt_fused, setup, True), "float32"),
         "+ bfloat16 autocast": (_rung(base, opt_fused, setup, True, bf16), "bfloat16"),
-        "+ vocabulary padded to 50,304": (_rung(padded, opt_padded, setup, True, bf16), "bfloat16"),
+        "+ one kernel per LayerNorm and GELU": (_rung(fused, opt_fused_model, setup, True, bf16), "bfloat16"),
+        "+ chunked cross-entropy (the CPU's fast path)": (_rung(fused, opt_fused_model, setup, True, bf16, chunked),
+                                                           "bfloat16"),
+        "+ vocabulary padded to 50,304": (_rung(padded, opt_padded, setup, True, bf16, chunked), "bfloat16"),
     }
     times = race({k: step for k, (step, _) in rungs.items()}, rounds=args.rounds, warmup_rounds=args.warmup_rounds,
                  device=setup["device"])

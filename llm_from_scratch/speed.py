@@ -12,19 +12,23 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .attention import MultiHeadAttention
+from .causal_attention import causal_attention_weights
 from .checkpoint import capture_rng_state
 from .core import time_call
+from .kv_cache import _called_as_is, _decode_ff, _decode_norm
 from .loss import calc_loss_batch
-from .model import GPTModel
+from .model import GPTModel, TransformerBlock
 
 # %% auto #0
 __all__ = ['matmul_peak_flops', 'training_flops_per_token', 'padded_vocab_size', 'FastGPTModel', 'make_fast', 'fast_adamw',
-           'bf16_helps', 'train_step', 'race', 'median', 'is_distributed', 'get_rank', 'get_world_size',
-           'is_main_process', 'setup_distributed', 'cleanup_distributed', 'rank_share', 'check_batch_split', 'ddp_wrap',
-           'gather_rng_states', 'global_mean_loss']
+           'bf16_helps', 'train_step', 'race', 'median', 'chunked_cross_entropy', 'is_distributed', 'get_rank',
+           'get_world_size', 'is_main_process', 'setup_distributed', 'cleanup_distributed', 'rank_share',
+           'check_batch_split', 'ddp_wrap', 'gather_rng_states', 'global_mean_loss']
 
 # %% ../nbs/appendix_e_speed.ipynb #09d5e586
 def matmul_peak_flops(n: int = 2048, *, dtype: torch.dtype = torch.float32, device="cpu", repeats: int = 5) -> float:
@@ -54,8 +58,41 @@ def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
             raise ValueError(f"padded_vocab_size: {name}={v!r} must be a positive int.")
     return -(-vocab_size // multiple) * multiple
 
+def _fast_attention(att: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`att(x)` for part 12's `MultiHeadAttention`: fused (SDPA) where PyTorch has a fused kernel, else the explicit path (defined in appendix E).
+
+    A CPU has no fused kernel for attention *with dropout*: SDPA then falls back to an unfused path that the
+    profile below shows slower than part 12's explicit one, so training on a CPU takes the explicit path.
+    Any other module, or one with hooks, is called as it is.
+    """
+    if type(att) is not MultiHeadAttention or _called_as_is(att):
+        return att(x)
+    b, t, _ = x.shape
+    q, k, v = (att._split(layer(x)) for layer in (att.W_query, att.W_key, att.W_value))   # (B, H, T, hd) each
+    dropout = att.dropout.p if att.training else 0.0
+    if att.use_sdpa and not (dropout > 0 and x.device.type == "cpu"):
+        context = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)   # (B, H, T, hd)
+    else:
+        weights = causal_attention_weights(q, k, att.mask[:t, :t])                      # (B, H, T, T)
+        context = att.dropout(weights) @ v                                              # (B, H, T, hd)
+    return att.out_proj(context.transpose(1, 2).reshape(b, t, att.d_out))               # (B, T, C)
+
+def _fast_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`block(x)` for a `TransformerBlock`, with one PyTorch kernel per LayerNorm and GELU (defined in appendix E).
+
+    Part 27's helpers do the fusing: `F.layer_norm` for the course's `LayerNorm`, `F.gelu(approximate="tanh")`
+    for its GELU, the same formulas (equal up to float rounding). Dropout is drawn in the same order as in
+    `block(x)`, so with the same seed and the explicit attention both give the same result. A block of
+    another kind, or one with hooks, is called as it is.
+    """
+    if type(block) is not TransformerBlock or _called_as_is(block):
+        return block(x)
+    x = x + block.drop_shortcut(_fast_attention(block.att, _decode_norm(block.norm1, x)))   # (B, T, C)
+    x = x + block.drop_shortcut(_decode_ff(block.ff, _decode_norm(block.norm2, x)))         # (B, T, C)
+    return x
+
 class FastGPTModel(GPTModel):
-    """`GPTModel` set up for fast training: fused attention, a padded vocabulary, optional weight tying (defined in appendix E).
+    """`GPTModel` set up for fast training: fused attention and small ops, a padded vocabulary, optional weight tying (defined in appendix E).
 
     `forward(in_idx)` returns logits `(B, T, vocab_size)` exactly like `GPTModel`: the padding columns of the
     wider output layer are sliced off, so a padding token is never predicted and never enters the loss.
@@ -63,10 +100,13 @@ class FastGPTModel(GPTModel):
     `padded_vocab` rows instead of `vocab_size` (the extra rows start at zero). `book_state_dict()` slices them
     back, so `GPTModel(cfg).load_state_dict(fast.book_state_dict())` works. `tie_weights=True` makes
     `out_head` share `tok_emb`'s matrix, as OpenAI's GPT-2 does (about 38.6M fewer parameters for 124M).
+    With `fuse_small_ops=True` each block runs through `_fast_block` (one kernel per LayerNorm and GELU,
+    attention fused where a fused kernel exists); `False` is `GPTModel`'s own forward.
     """
     def __init__(self, cfg: Mapping, *, pad_vocab_multiple: int | None = 64, tie_weights: bool = False,
-                 use_sdpa: bool = True):
+                 use_sdpa: bool = True, fuse_small_ops: bool = True):
         super().__init__(cfg, use_sdpa=use_sdpa)
+        self.fuse_small_ops = bool(fuse_small_ops)
         vocab, d = self.cfg["vocab_size"], self.cfg["emb_dim"]
         self.padded_vocab = vocab if pad_vocab_multiple is None else padded_vocab_size(vocab, pad_vocab_multiple)
         if self.padded_vocab != vocab:
@@ -85,7 +125,19 @@ class FastGPTModel(GPTModel):
         super()._check_input(in_idx)
 
     def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
-        logits = super().forward(in_idx)                  # (B, T, padded_vocab)
+        if not self.fuse_small_ops:
+            logits = super().forward(in_idx)              # (B, T, padded_vocab)
+        else:
+            self._check_input(in_idx)
+            t = in_idx.shape[1]
+            x = self.tok_emb(in_idx) + self.pos_emb(torch.arange(t, device=in_idx.device))   # (B, T, C)
+            x = self.drop_emb(x)
+            if _called_as_is(self.trf_blocks):
+                x = self.trf_blocks(x)
+            else:
+                for block in self.trf_blocks:
+                    x = _fast_block(block, x)             # (B, T, C)
+            logits = self.out_head(_decode_norm(self.final_norm, x))   # (B, T, padded_vocab)
         return logits[..., :self.cfg["vocab_size"]]      # (B, T, vocab_size): a view, padding dropped
 
     def book_state_dict(self) -> dict:
@@ -97,7 +149,7 @@ class FastGPTModel(GPTModel):
         return sd
 
 def make_fast(model: GPTModel, *, pad_vocab_multiple: int | None = 64, tie_weights: bool = False,
-              use_sdpa: bool = True) -> FastGPTModel:
+              use_sdpa: bool = True, fuse_small_ops: bool = True) -> FastGPTModel:
     """A `FastGPTModel` holding a copy of `model`'s weights, on the same device (defined in appendix E).
 
     `model` itself is left unchanged. With `tie_weights=True` both names get `model.tok_emb`'s matrix (GPT-2's
@@ -105,7 +157,8 @@ def make_fast(model: GPTModel, *, pad_vocab_multiple: int | None = 64, tie_weigh
     """
     if not isinstance(model, GPTModel):
         raise TypeError(f"make_fast: expected a GPTModel, got {type(model).__name__}.")
-    fast = FastGPTModel(model.cfg, pad_vocab_multiple=pad_vocab_multiple, tie_weights=tie_weights, use_sdpa=use_sdpa)
+    fast = FastGPTModel(model.cfg, pad_vocab_multiple=pad_vocab_multiple, tie_weights=tie_weights, use_sdpa=use_sdpa,
+                        fuse_small_ops=fuse_small_ops)
     fast.to(model.tok_emb.weight.device)
     src, dst = model.state_dict(), fast.state_dict()
     with torch.no_grad():
@@ -143,16 +196,17 @@ def bf16_helps(device) -> bool:
     return False
 
 def train_step(model: nn.Module, optimizer, input_batch: torch.Tensor, target_batch: torch.Tensor, device, *,
-               autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+               autocast_dtype: torch.dtype | None = None, cross_entropy: Callable = F.cross_entropy) -> torch.Tensor:
     """One optimizer step, the four moves of part 22, optionally under autocast; returns the detached loss (defined in appendix E).
 
     `autocast_dtype=torch.bfloat16` runs the matmuls in bfloat16 while the weights, gradients, optimizer state
-    and the cross-entropy stay float32.
+    and the cross-entropy stay float32. `cross_entropy=chunked_cross_entropy` computes the same loss without
+    full-size float32 copies of the logits (see "The loss without its big buffers").
     """
     device = torch.device(device)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        loss = calc_loss_batch(input_batch, target_batch, model, device)   # scalar, float32
+        loss = calc_loss_batch(input_batch, target_batch, model, device, cross_entropy=cross_entropy)  # scalar, float32
     loss.backward()
     optimizer.step()
     return loss.detach()
@@ -182,6 +236,61 @@ def race(contestants: Mapping[str, Callable[[], object]], *, rounds: int = 3, wa
 def median(xs: Sequence[float]) -> float:
     "The median of a non-empty list (defined in appendix E)."
     return statistics.median(xs)
+
+# %% ../nbs/appendix_e_speed.ipynb #a90dfca7
+_CE_CHUNK_BYTES = 16 * 2**20   # float32 bytes per chunk: below glibc's 32 MiB mmap threshold, so one chunk's buffer is reused
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    "Mean cross-entropy over rows of logits, computed `rows` rows at a time in float32 (see `chunked_cross_entropy`)."
+    @staticmethod
+    def forward(ctx, logits, targets, rows, ignore_index):
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32      # the arithmetic, as F.cross_entropy under autocast
+        valid = targets != ignore_index                                             # (N,)
+        safe = targets.masked_fill(~valid, 0)[:, None]                              # (N, 1): any index for ignored rows
+        lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)         # (N,) log of each softmax denominator
+        for i in range(0, logits.shape[0], rows):
+            lse[i:i + rows] = torch.logsumexp(logits[i:i + rows].to(acc), dim=-1)  # one (rows, V) float32 chunk at a time
+        picked = logits.gather(1, safe).squeeze(1).to(acc)                          # (N,) the target's logit
+        count = valid.sum()
+        ctx.save_for_backward(logits, safe, valid, lse, count)
+        ctx.rows = rows
+        return torch.where(valid, lse - picked, 0).sum() / count                    # 0/0 = nan if all are ignored, as PyTorch
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, safe, valid, lse, count = ctx.saved_tensors
+        rows = ctx.rows
+        weight = torch.where(valid, grad / count, 0).to(lse.dtype)                  # (N,) d loss / d row loss; 0 if ignored
+        grad_logits = torch.empty_like(logits)                                      # (N, V) in the logits' own dtype
+        for i in range(0, logits.shape[0], rows):
+            p = (logits[i:i + rows].to(lse.dtype) - lse[i:i + rows, None]).exp_()  # (rows, V) softmax
+            t = safe[i:i + rows]
+            p.scatter_(1, t, p.gather(1, t) - 1)                                    # softmax - one_hot(target)
+            grad_logits[i:i + rows] = p.mul_(weight[i:i + rows, None])
+        return grad_logits, None, None, None
+
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
+                          chunk_bytes: int = _CE_CHUNK_BYTES) -> torch.Tensor:
+    """`F.cross_entropy(logits, targets)` (mean, `ignore_index` skipped) without full-size float32 copies (defined in appendix E).
+
+    `logits` `(N, V)` in any float dtype, `targets` `(N,)`. The loss is computed in float32 (float64 for float64
+    logits), as PyTorch's does under autocast, but a chunk of rows at a time, so no `(N, V)` float32 tensor is
+    ever made; the gradient is written straight in the logits' dtype. Same values up to float rounding.
+    """
+    if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError("chunked_cross_entropy: logits and targets must be tensors.")
+    if logits.dim() != 2 or targets.shape != logits.shape[:1] or not logits.dtype.is_floating_point:
+        raise ValueError(f"chunked_cross_entropy: expected float logits (N, V) and targets (N,), got "
+                         f"{tuple(logits.shape)} {logits.dtype} and {tuple(targets.shape)}; flatten (B, T, V) "
+                         "logits with logits.flatten(0, 1) and the targets with targets.flatten().")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError(f"chunked_cross_entropy: targets must be integer class indices, got {targets.dtype}.")
+    kept = targets[targets != ignore_index]
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= logits.shape[1]):
+        raise ValueError(f"chunked_cross_entropy: targets must lie in [0, {logits.shape[1] - 1}] or equal "
+                         f"ignore_index={ignore_index}; got values from {int(kept.min())} to {int(kept.max())}.")
+    rows = max(1, chunk_bytes // (4 * logits.shape[1]))
+    return _ChunkedCrossEntropy.apply(logits, targets.long(), rows, ignore_index)
 
 # %% ../nbs/appendix_e_speed.ipynb #737e065d
 def is_distributed() -> bool:

@@ -167,9 +167,9 @@ def test_train_step_autocasts_on_the_devices_type(monkeypatch, dtype):
         opened.append((device_type, dtype, enabled))
         yield
 
-    def loss_on_cpu(x, y, model, device):
+    def loss_on_cpu(x, y, model, device, **kwargs):
         devices.append(device)
-        return calc_loss_batch(x, y, model, "cpu")
+        return calc_loss_batch(x, y, model, "cpu", **kwargs)
 
     monkeypatch.setattr(torch, "autocast", autocast)
     monkeypatch.setattr(speed, "calc_loss_batch", loss_on_cpu)
