@@ -3,6 +3,8 @@
 # %% ../nbs/27_whats_next.ipynb #e15e9bac
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -164,12 +166,34 @@ def _called_as_is(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
                 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
 
+_SPLIT_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # nn.Linear -> its block views, made once
+
+def _split_plan(layer: nn.Linear, k: int) -> tuple:
+    """`layer`'s weight (and bias) viewed as `k` blocks of rows, made on first use and kept while they still fit.
+
+    Views share the weight's memory, so an in-place change (an optimizer step, `load_state_dict`) shows through;
+    a new weight or bias tensor, new memory behind it (`.to(...)`) or another thread count makes a new plan.
+    """
+    w, b = layer.weight, layer.bias
+    plan = _SPLIT_PLANS.get(layer)
+    if plan is not None and plan[0] is w and plan[1] is b and plan[2] == k and plan[3] == w.data_ptr():
+        return plan
+    out_f, in_f = w.shape
+    n = out_f - out_f % k                                             # the rows that fill k equal blocks
+    blocks = w[:n].view(k, n // k, in_f)                              # (k, n/k, in), a view
+    bias = None if b is None else b[:n].view(k, n // k, 1)            # (k, n/k, 1), a view
+    plan = (w, b, k, w.data_ptr(), n, blocks, bias)
+    _SPLIT_PLANS[layer] = plan
+    return plan
+
 def _decode_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)` for the few rows of a decoding step, with the weights' rows shared out between the CPU threads (defined in part 27).
 
     For a plain `nn.Linear` in float32 on the CPU with at least `_SPLIT_MIN_WEIGHTS` weights and at most
     `_SPLIT_MAX_ROWS` input rows, the `(out, in)` weight is viewed as `k` blocks of rows and multiplied by one
     `torch.baddbmm`, which runs the blocks on different threads; the result equals `layer(x)` up to rounding.
+    The block views are made once per layer (`_split_plan`): a step calls this some 70 times, and a matrix of
+    768 x 768 takes only tens of microseconds to read, so every tensor operation saved per call shows.
     Every other case is `layer(x)`, and so is a layer with hooks, whose call must run.
     """
     if type(layer) is not nn.Linear or _called_as_is(layer):          # LoRA, quantised, hooked: its own call
@@ -178,20 +202,22 @@ def _decode_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out_f, in_f = w.shape
     rows = x.numel() // in_f if x.dim() >= 1 and x.shape[-1] == in_f else 0
     if (not 1 <= rows <= _SPLIT_MAX_ROWS or w.numel() < _SPLIT_MIN_WEIGHTS or w.device.type != "cpu"
-            or w.dtype != torch.float32 or x.dtype != torch.float32 or not w.is_contiguous()):
+            or w.dtype != torch.float32 or x.dtype != torch.float32 or not w.is_contiguous()
+            or (b is not None and (b.dtype != torch.float32 or not b.is_contiguous()))):
         return layer(x)
     k = max(2, torch.get_num_threads())                               # one block per thread
-    n = out_f - out_f % k                                             # the rows that fill k equal blocks
+    _, _, _, _, n, blocks, bias = _split_plan(layer, k)
+    x = x.contiguous()
     # x^T as a column-major view, strides (0, 1, in): with this layout bmm hands the blocks to the math library's
     # batched product, one per thread; a (k, in, 1) view with strides (0, 1, 1) took a much slower path when timed
-    xt = x.reshape(rows, in_f).contiguous().t().expand(k, in_f, rows)  # (k, in, rows)
-    blocks = w[:n].view(k, n // k, in_f)                              # (k, n/k, in), a view
-    y = torch.bmm(blocks, xt) if b is None else torch.baddbmm(b[:n].view(k, n // k, 1), blocks, xt)
-    y = y.view(n, rows)                                               # (n, rows)
+    xt = x.as_strided((k, in_f, rows), (0, 1, in_f))                  # (k, in, rows), no copy
+    y = torch.bmm(blocks, xt) if bias is None else torch.baddbmm(bias, blocks, xt)   # (k, n/k, rows)
     if n < out_f:                                                     # the last out % k rows
         rest = w[n:] @ xt[0] if b is None else torch.addmm(b[n:, None], w[n:], xt[0])
-        y = torch.cat([y, rest])                                      # (out, rows)
-    return y.t().reshape(*x.shape[:-1], out_f)                        # (..., out)
+        y = torch.cat([y.view(n, rows), rest])                        # (out, rows)
+    if rows == 1:
+        return y.view(*x.shape[:-1], out_f)                           # (..., out): one row needs no transpose
+    return y.view(out_f, rows).t().reshape(*x.shape[:-1], out_f)      # (..., out)
 
 _FUSE_SMALL_OPS = True        # False: call the course's LayerNorm/GELU and spell attention out (the timings compare)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +29,12 @@ def entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 # %% ../nbs/20_cross_entropy.ipynb #a41039d8
 def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model: nn.Module,
-                    device: torch.device | str, *, cross_entropy: Callable = F.cross_entropy) -> torch.Tensor:
+                    device: torch.device | str) -> torch.Tensor:
     """Mean cross-entropy of `model`'s next-token predictions for one batch (defined in part 20).
 
     `input_batch` and `target_batch` are `(B, T)` token ids; the targets are the inputs shifted by one.
     Both are moved to `device` (where `model` must already live). Targets equal to -100 are ignored.
-    Returns a scalar tensor that still carries gradients, ready for `loss.backward()`. `cross_entropy` is
-    PyTorch's unless you pass another function with its signature (appendix E's `chunked_cross_entropy`).
+    Returns a scalar tensor that still carries gradients, ready for `loss.backward()`.
     """
     if not isinstance(input_batch, torch.Tensor) or not isinstance(target_batch, torch.Tensor):
         raise TypeError("calc_loss_batch: input_batch and target_batch must be tensors of token ids, "
@@ -47,7 +45,7 @@ def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model
                          "create_dataloader_v1 yields such pairs.")
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
     logits = model(input_batch)                                                   # (B, T, V)
-    return cross_entropy(logits.flatten(0, 1), target_batch.flatten())            # (B*T, V) vs (B*T,)
+    return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())          # (B*T, V) vs (B*T,)
 
 # %% ../nbs/20_cross_entropy.ipynb #711e24b3
 def calc_loss_loader(data_loader, model: nn.Module, device: torch.device | str,

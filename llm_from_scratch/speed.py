@@ -196,17 +196,25 @@ def bf16_helps(device) -> bool:
     return False
 
 def train_step(model: nn.Module, optimizer, input_batch: torch.Tensor, target_batch: torch.Tensor, device, *,
-               autocast_dtype: torch.dtype | None = None, cross_entropy: Callable = F.cross_entropy) -> torch.Tensor:
+               autocast_dtype: torch.dtype | None = None, cross_entropy: Callable | None = None) -> torch.Tensor:
     """One optimizer step, the four moves of part 22, optionally under autocast; returns the detached loss (defined in appendix E).
 
     `autocast_dtype=torch.bfloat16` runs the matmuls in bfloat16 while the weights, gradients, optimizer state
-    and the cross-entropy stay float32. `cross_entropy=chunked_cross_entropy` computes the same loss without
-    full-size float32 copies of the logits (see "The loss without its big buffers").
+    and the cross-entropy stay float32. The loss is part 20's `calc_loss_batch`; `cross_entropy=chunked_cross_entropy`
+    computes the same loss through that function instead of `F.cross_entropy`, without full-size float32 copies
+    of the logits (see "What the profile points at").
     """
     device = torch.device(device)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        loss = calc_loss_batch(input_batch, target_batch, model, device, cross_entropy=cross_entropy)  # scalar, float32
+        if cross_entropy is None:
+            loss = calc_loss_batch(input_batch, target_batch, model, device)          # scalar, float32
+        else:                                  # calc_loss_batch's two lines with another loss function
+            if not isinstance(input_batch, torch.Tensor) or not isinstance(target_batch, torch.Tensor):
+                raise TypeError("train_step: input_batch and target_batch must be tensors of token ids, got "
+                                f"{type(input_batch).__name__} and {type(target_batch).__name__}.")
+            logits = model(input_batch.to(device))                                   # (B, T, V)
+            loss = cross_entropy(logits.flatten(0, 1), target_batch.to(device).flatten())   # scalar, float32
     loss.backward()
     optimizer.step()
     return loss.detach()

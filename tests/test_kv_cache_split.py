@@ -123,3 +123,39 @@ def test_hooks_and_replaced_forwards_still_run(where, monkeypatch):
         a = generate(model, idx, 4, CFG["context_length"], use_cache=True)
         b = generate(model, idx, 4, CFG["context_length"], use_cache=False)
     assert torch.equal(a, b) and not torch.equal(b, plain)      # the replacement changed the tokens, in both
+
+
+def test_the_block_views_follow_the_layers_weights(spy):
+    """`_split_plan` keeps each layer's block views between calls; they must never serve stale weights: an in-place
+    change shows through the views, a new weight or bias tensor, new memory (`.to`) or another thread count makes
+    new views, and a layer that is gone leaves no plan behind."""
+    layer = _linear(300, 256)
+    x = torch.randn(1, 1, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(kv._decode_linear(layer, x), layer(x), **TOL)
+        first = kv._SPLIT_PLANS[layer]
+        kv._decode_linear(layer, x)
+        assert kv._SPLIT_PLANS[layer] is first                   # reused, not rebuilt
+        layer.weight.mul_(2.0)                                   # in place, as an optimizer step
+        layer.bias.add_(1.0)
+        torch.testing.assert_close(kv._decode_linear(layer, x), layer(x), **TOL)
+        assert kv._SPLIT_PLANS[layer] is first
+        layer.weight = nn.Parameter(torch.randn(300, 256))       # a new tensor
+        torch.testing.assert_close(kv._decode_linear(layer, x), layer(x), **TOL)
+        layer.bias = None
+        torch.testing.assert_close(kv._decode_linear(layer, x), layer(x), **TOL)
+        layer.weight.data = layer.weight.data.clone()            # the same Parameter, new memory
+        torch.testing.assert_close(kv._decode_linear(layer, x), layer(x), **TOL)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(3)                             # 300 rows: 3 blocks of 100
+            torch.testing.assert_close(kv._decode_linear(layer, x), layer(x), **TOL)
+            assert kv._SPLIT_PLANS[layer][2] == 3
+        finally:
+            torch.set_num_threads(threads)
+    assert len(spy) == 7                                         # every call above took the split path
+    n_plans = len(kv._SPLIT_PLANS)
+    del layer, first
+    import gc
+    gc.collect()
+    assert len(kv._SPLIT_PLANS) == n_plans - 1

@@ -136,3 +136,20 @@ def test_bf16_step_with_the_chunked_loss_matches_pytorchs_loss_under_autocast():
         losses.append(train_step(m, fast_adamw(m), x, y, "cpu", autocast_dtype=torch.bfloat16, cross_entropy=ce))
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
     assert losses[1].dtype == torch.float32
+
+
+def test_train_step_with_another_loss_refuses_bad_batches_before_any_work():
+    m = make_fast(GPTModel(CFG), pad_vocab_multiple=None)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    opt = fast_adamw(m)
+    x, y = _batch(5)
+    with pytest.raises(TypeError, match="must be tensors of token ids"):
+        train_step(m, opt, x, y.tolist(), "cpu", cross_entropy=chunked_cross_entropy)
+    with pytest.raises(ValueError, match="flatten"):
+        train_step(m, opt, x, y[:, :-1], "cpu", cross_entropy=chunked_cross_entropy)
+    y_bad = y.clone()
+    y_bad[0, 0] = CFG["vocab_size"]
+    with pytest.raises(ValueError, match="must lie in"):
+        train_step(m, opt, x, y_bad, "cpu", cross_entropy=chunked_cross_entropy)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k                     # no step was taken
