@@ -4,12 +4,14 @@ Not a test (speed is never asserted). Configuration: GPT-2 124M's shape (random 
 on what the weights learned; dropout off, eval mode), float32, batch 1, a 4-token prompt ("Hello, I am"), 200 new
 greedy tokens, context_size 1024 (so no cropping: the window never slides and the cache is used for every step).
 
-1. Bandwidth and the floor. Every round first times `x.sum()` over a 1 GiB float32 tensor (the median of 5 sums,
-   after 1 untimed; 1 GiB is far beyond every cache, so it is a read from memory). The median over the rounds is
-   this machine's read bandwidth during the race. A decoding step must read, per token: every matrix and bias of
-   the linear layers, every layer norm, ONE row of each embedding, and the cached keys and values of all layers
-   at the step's position (averaged over the run: prompt + (n - 1) / 2 positions). bytes / bandwidth is the
-   shortest possible time per token; its inverse, the floor in tok/s. Each contestant's tok/s is shown with its
+1. Bandwidth and the floor. Each timed run is bracketed by two bandwidth measurements, each the median of 3 timed
+   `x.sum()` over a 1 GiB float32 tensor (after 1 untimed; 1 GiB is far beyond every cache, so it is a read from
+   memory); their mean is the bandwidth during that run. This machine's bandwidth drifts by a factor of two
+   within minutes, so a share is only meaningful against the bandwidth of the same moment: each contestant's
+   share is the median over the rounds of (its tok/s) / (the floor at its own bandwidth). A decoding step must
+   read, per token: every matrix and bias of the linear layers, every layer norm, ONE row of each embedding, and
+   the cached keys and values of all layers at the step's position (averaged over the run: prompt + (n - 1) / 2
+   positions). bytes / bandwidth is the shortest possible time per token; its inverse, the floor in tok/s. Each contestant's tok/s is shown with its
    share of that floor (its own bytes for the reduced-bytes variants).
 2. The race, in alternating rounds in one process (after an untimed warm-up of 8 tokens each):
      book          llms_from_scratch.ch04 GPTModel + generate_text_simple (the whole window every step)
@@ -235,10 +237,6 @@ def products_only(model, device):
     return run
 
 
-def fmt_share(tps, floor):
-    return f"{tps / floor:6.1%}" if floor > 0 else "   n/a"
-
-
 # ---- quality -----------------------------------------------------------------------------------------------------
 def quality(variants, max_windows, n_prompts=4, prompt_len=24, n_new=50):
     from llm_from_scratch.base_model import course_base_model_path, load_base_model
@@ -357,30 +355,39 @@ def main():
     buf = torch.ones(GiB // 4, device=device)                      # 1 GiB of float32
     products = products_only(ours, device)
     bws, prod_times, times = [], [], {k: [] for k in contestants}
+    bw_at = {k: [] for k in contestants}                           # the bandwidth around each timed run
     with torch.no_grad():
         n = 8                                                      # the closures read n: a short untimed warm-up
         for fn, _ in contestants.values():
             fn()
+        products()
         n = args.new_tokens
         ref = None
         for r in range(args.rounds):
-            bws.append(read_bandwidth(buf, device))
-            products()
-            prod_times.append(statistics.median(timed(products, device)[0] for _ in range(5)))
-            line = [f"round {r + 1}: memory {bws[-1] / 1e9:5.1f} GB/s, products alone {prod_times[-1] * 1e3:4.1f} ms"]
+            line = [f"round {r + 1}:"]
             for name, (fn, check) in contestants.items():
+                # this machine's bandwidth drifts within a minute, so each run gets its own: the mean of a
+                # measurement just before and one just after it
+                before = read_bandwidth(buf, device, repeats=3)
                 t, out = timed(fn, device)
+                bw_at[name].append((before + read_bandwidth(buf, device, repeats=3)) / 2)
                 times[name].append(t)
                 if check:
                     ref = out if ref is None else ref
                     assert torch.equal(out, ref), f"{name}: tokens differ from the book's"
                 line.append(f"{name} {n / t:5.1f}")
-            share = n / times["ours"][-1] / (bws[-1] / floors["ours"])
-            print("   ".join(line) + f" tok/s; ours at {share:.0%} of this round's floor", flush=True)
+                if name == "ours":                                 # the products alone, right after ours
+                    prod_times.append(statistics.median(timed(products, device)[0] for _ in range(5)))
+            bws.extend(b[-1] for b in bw_at.values())
+            share = n / times["ours"][-1] / (bw_at["ours"][-1] / floors["ours"])
+            print("   ".join(line) + f" tok/s; ours at {share:.0%} of its floor (memory {bw_at['ours'][-1] / 1e9:.1f} "
+                  f"GB/s around it; products alone {prod_times[-1] * 1e3:.1f} ms)", flush=True)
     del buf
-    bw = statistics.median(bws)
-    print(f"\nmemory read bandwidth: {bw / 1e9:.1f} GB/s = median over {len(bws)} rounds (each the median of 5 "
-          f"timed x.sum() over a 1 GiB float32 tensor; rounds ranged {min(bws) / 1e9:.1f}-{max(bws) / 1e9:.1f} GB/s)")
+    bw = statistics.median(bw_at["ours"])
+    print(f"\nmemory read bandwidth around our runs: {bw / 1e9:.1f} GB/s (median over {args.rounds} rounds; each run's "
+          f"bandwidth is the mean of 3 timed x.sum() over a 1 GiB float32 tensor just before it and 3 just after); all "
+          f"runs ranged {min(bws) / 1e9:.1f}-{max(bws) / 1e9:.1f} GB/s. Shares below: each run against the bandwidth "
+          f"around it, median over the rounds")
     w32, kv32 = weight_bytes_per_token(ours), kv_bytes_per_token(ours, avg_len)
     floor_tps = bw / (w32 + kv32)
     print(f"bytes read per token, float32: weights {w32 / 1e6:.1f} MB (every linear layer's matrix and bias, "
@@ -388,18 +395,20 @@ def main():
           f"position {avg_len:.1f}) = {(w32 + kv32) / 1e6:.1f} MB -> floor {1e3 / floor_tps:.1f} ms/token = "
           f"{floor_tps:.1f} tok/s")
     med = {k: statistics.median(v) for k, v in times.items()}
+    shares = {k: statistics.median(n / t / (b / floors[k]) for t, b in zip(times[k], bw_at[k])) for k in contestants}
     prod_s = statistics.median(prod_times)
     lin_bytes = sum(p.numel() * p.element_size() for m in ours.modules() if type(m) is nn.Linear for p in m.parameters())
+    prod_share = statistics.median(lin_bytes / b / p for b, p in zip(bw_at["ours"], prod_times))
     print(f"the products alone (every linear layer's matrix-vector product through _decode_linear, back to back): "
           f"{prod_s * 1e3:.1f} ms per token for {lin_bytes / 1e6:.1f} MB = {lin_bytes / prod_s / 1e9:.1f} GB/s, "
-          f"{lin_bytes / bw / prod_s:.0%} of the read bandwidth; the whole cached step: {med['ours'] / n * 1e3:.1f} ms, "
+          f"{prod_share:.0%} of the read bandwidth; the whole cached step: {med['ours'] / n * 1e3:.1f} ms, "
           f"so {med['ours'] / n * 1e3 - prod_s * 1e3:.1f} ms of each step is everything else")
     print(f"\n{'contestant':16s} {'tok/s':>7s} {'ms/token':>9s} {'MB/token':>9s} {'floor tok/s':>11s} {'share':>7s}  tokens")
     for name in contestants:
-        tps, fl = n / med[name], bw / floors[name]
+        tps, fl = n / med[name], statistics.median(bw_at[name]) / floors[name]
         same = "identical (asserted)" if contestants[name][1] else "not asserted (see quality)"
         print(f"{name:16s} {tps:7.1f} {med[name] / n * 1e3:9.1f} {floors[name] / 1e6:9.1f} {fl:11.1f} "
-              f"{fmt_share(tps, fl)}  {same}")
+              f"{shares[name]:7.1%}  {same}")
     print(f"{n} new tokens, batch 1, GPT-2 124M shape, on {device}; book/ours = {med['book'] / med['ours']:.2f}x, "
           f"book KV/ours = {med['book KV'] / med['ours']:.2f}x" + (f", ours vs ours without the split = "
           f"{med['ours, no split'] / med['ours']:.2f}x" if args.before else ""), flush=True)
@@ -419,19 +428,27 @@ def main():
               f"rounds (alternating sizes); floor = bandwidth / (weights once + B embedding rows + B caches)")
         g = torch.Generator().manual_seed(0)
         prompts = {b: torch.randint(0, cfg["vocab_size"], (b, prompt.shape[1]), generator=g).to(device) for b in sizes}
-        bt = {b: [] for b in sizes}
+        bt, bb = {b: [] for b in sizes}, {b: [] for b in sizes}     # seconds, bandwidth around each run
+        buf = torch.ones(GiB // 4, device=device)
         with torch.no_grad():
             for b in sizes:
                 generate(ours, prompts[b], 4, ctx)                 # warm-up
             for _ in range(args.batch_rounds):
                 for b in sizes:
+                    before = read_bandwidth(buf, device, repeats=3)
                     bt[b].append(timed(lambda: generate(ours, prompts[b], n, ctx), device)[0])
-        print(f"{'batch':>5s} {'tok/s (all)':>11s} {'per sequence':>12s} {'ms/step':>8s} {'floor tok/s':>11s} {'share':>7s}")
+                    bb[b].append((before + read_bandwidth(buf, device, repeats=3)) / 2)
+        del buf
+        print(f"{'batch':>5s} {'tok/s (all)':>11s} {'per sequence':>12s} {'ms/step':>8s} {'GB/s':>6s} {'floor tok/s':>11s} "
+              f"{'share':>7s}")
         for b in sizes:
             t = statistics.median(bt[b])
             tps = b * n / t
-            fl = b * bw / (weight_bytes_per_token(ours, batch=b) + kv_bytes_per_token(ours, avg_len, batch=b))
-            print(f"{b:5d} {tps:11.1f} {n / t:12.1f} {t / n * 1e3:8.1f} {fl:11.1f} {fmt_share(tps, fl)}")
+            bytes_b = weight_bytes_per_token(ours, batch=b) + kv_bytes_per_token(ours, avg_len, batch=b)
+            fl = b * statistics.median(bb[b]) / bytes_b
+            share = statistics.median(b * n / tt / (bw_b * b / bytes_b) for tt, bw_b in zip(bt[b], bb[b]))
+            print(f"{b:5d} {tps:11.1f} {n / t:12.1f} {t / n * 1e3:8.1f} {statistics.median(bb[b]) / 1e9:6.1f} {fl:11.1f} "
+                  f"{share:7.1%}")
             if b == 8:
                 batch8 = tps
 
@@ -442,12 +459,12 @@ def main():
     print(f"bandwidth_gbs={bw / 1e9:.2f}")
     print(f"generate_floor_tok_s={floor_tps:.2f}")
     print(f"generate_tok_s={tps_ours:.2f}")
-    print(f"generate_share_of_floor={tps_ours / floor_tps:.3f}")
-    print(f"generate_products_share={lin_bytes / bw / prod_s:.3f}")
+    print(f"generate_share_of_floor={shares['ours']:.3f}")
+    print(f"generate_products_share={prod_share:.3f}")
     print(f"generate_vs_book_kv={med['book KV'] / med['ours']:.2f}")
     for key, name in (("generate_bf16_share", "bf16"), ("generate_int8_share", "int8 dyn")):
         if name in med:
-            print(f"{key}={n / med[name] / (bw / floors[name]):.3f}")
+            print(f"{key}={shares[name]:.3f}")
     if batch8 is not None:
         print(f"generate_batch8_tok_s={batch8:.2f}")
     print(f"generate_vs_book={med['book'] / med['ours']:.2f}")
