@@ -213,6 +213,9 @@ def train_step(model: nn.Module, optimizer, input_batch: torch.Tensor, target_ba
             if not isinstance(input_batch, torch.Tensor) or not isinstance(target_batch, torch.Tensor):
                 raise TypeError("train_step: input_batch and target_batch must be tensors of token ids, got "
                                 f"{type(input_batch).__name__} and {type(target_batch).__name__}.")
+            if input_batch.shape != target_batch.shape:
+                raise ValueError(f"train_step: input and target batches must have the same shape (batch, num_tokens), "
+                                 f"got {tuple(input_batch.shape)} and {tuple(target_batch.shape)}.")
             logits = model(input_batch.to(device))                                   # (B, T, V)
             loss = cross_entropy(logits.flatten(0, 1), target_batch.to(device).flatten())   # scalar, float32
     loss.backward()
@@ -287,10 +290,13 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore
     """
     if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise TypeError("chunked_cross_entropy: logits and targets must be tensors.")
-    if logits.dim() != 2 or targets.shape != logits.shape[:1] or not logits.dtype.is_floating_point:
-        raise ValueError(f"chunked_cross_entropy: expected float logits (N, V) and targets (N,), got "
+    if (logits.dim() != 2 or targets.shape != logits.shape[:1] or not logits.dtype.is_floating_point
+            or logits.shape[1] == 0):
+        raise ValueError(f"chunked_cross_entropy: expected float logits (N, V) with V >= 1 and targets (N,), got "
                          f"{tuple(logits.shape)} {logits.dtype} and {tuple(targets.shape)}; flatten (B, T, V) "
                          "logits with logits.flatten(0, 1) and the targets with targets.flatten().")
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ValueError(f"chunked_cross_entropy: chunk_bytes={chunk_bytes!r} must be a positive int.")
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise TypeError(f"chunked_cross_entropy: targets must be integer class indices, got {targets.dtype}.")
     kept = targets[targets != ignore_index]

@@ -108,6 +108,11 @@ def test_chunked_cross_entropy_edge_cases_and_errors():
         chunked_cross_entropy(logits, torch.zeros(4))
     with pytest.raises(TypeError, match="must be tensors"):
         chunked_cross_entropy(logits, [1, 2, 3, 4])
+    with pytest.raises(ValueError, match="V >= 1"):
+        chunked_cross_entropy(torch.zeros(4, 0), torch.zeros(4, dtype=torch.long))
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_bytes"):
+            chunked_cross_entropy(logits, torch.zeros(4, dtype=torch.long), chunk_bytes=bad)
 
 
 def test_train_step_with_the_chunked_loss_takes_the_same_step():
@@ -145,8 +150,10 @@ def test_train_step_with_another_loss_refuses_bad_batches_before_any_work():
     x, y = _batch(5)
     with pytest.raises(TypeError, match="must be tensors of token ids"):
         train_step(m, opt, x, y.tolist(), "cpu", cross_entropy=chunked_cross_entropy)
-    with pytest.raises(ValueError, match="flatten"):
+    with pytest.raises(ValueError, match=r"the same shape .*\(3, 16\) and \(3, 15\)"):
         train_step(m, opt, x, y[:, :-1], "cpu", cross_entropy=chunked_cross_entropy)
+    with pytest.raises(ValueError, match="flatten"):                # the loss itself still checks its shapes
+        chunked_cross_entropy(torch.zeros(3, 16, 10), y)
     y_bad = y.clone()
     y_bad[0, 0] = CFG["vocab_size"]
     with pytest.raises(ValueError, match="must lie in"):
