@@ -25,8 +25,9 @@ greedy tokens, context_size 1024 (so no cropping: the window never slides and th
                    forward with that one slice corrected (`_book_kv_attention_forward`, the fix upstream made in
                    rasbt/LLMs-from-scratch pull request 1048); everything else is the package's.
      ours, no split  (--before only) our generate with part 27's row split switched off
-                   (kv_cache._SPLIT_MIN_WEIGHTS raised): the cached path as it was before the split was added
-     ours          llm_from_scratch.generate.generate (default use_cache=None: the KV cache, with the row split)
+                   (kv_cache._SPLIT_MODE = False): every product is the layer's own F.linear
+     ours          llm_from_scratch.generate.generate (default use_cache=None: the KV cache; each matrix shape
+                   takes the row split or F.linear, whichever part 27's first-use timing found faster here)
    All of them produce identical tokens (asserted every round: the same float32 weights and arithmetic).
 3. Reduced bytes (on by default; --no-reduced skips; CPU only for the int8 variants), in the same rounds:
      bf16          the model converted with .to(torch.bfloat16): weights, activations and cache in bfloat16
@@ -213,20 +214,20 @@ def book_kv_generate(model, idx, max_new_tokens, kv_cls):
 
 
 def without_split(fn):
-    "Run fn with part 27's row split switched off: the cached path as it was before the split."
+    "Run fn with part 27's row split switched off: every product is the layer's own F.linear."
     def run():
-        saved = kv_cache._SPLIT_MIN_WEIGHTS
-        kv_cache._SPLIT_MIN_WEIGHTS = 1 << 62
+        saved = kv_cache._SPLIT_MODE
+        kv_cache._SPLIT_MODE = False
         try:
             return fn()
         finally:
-            kv_cache._SPLIT_MIN_WEIGHTS = saved
+            kv_cache._SPLIT_MODE = saved
     return run
 
 
 def products_only(model, device):
     """A function that runs one token's matrix-vector products and nothing else: every nn.Linear of `model`
-    through part 27's `_decode_linear` (the row split), back to back, on a (1, 1, in) input. Its time is what a
+    through part 27's `_decode_linear` (split or not, as timed), back to back, on a (1, 1, in) input. Its time is what a
     decoding step would cost with no attention, norms, cache writes or Python between the products."""
     layers = [m for m in model.modules() if type(m) is nn.Linear]
     xs = {m.in_features: torch.randn(1, 1, m.in_features, device=device) for m in layers}
@@ -403,6 +404,10 @@ def main():
           f"{prod_s * 1e3:.1f} ms per token for {lin_bytes / 1e6:.1f} MB = {lin_bytes / prod_s / 1e9:.1f} GB/s, "
           f"{prod_share:.0%} of the read bandwidth; the whole cached step: {med['ours'] / n * 1e3:.1f} ms, "
           f"so {med['ours'] / n * 1e3 - prod_s * 1e3:.1f} ms of each step is everything else")
+    chosen = ", ".join(f"{o}x{i}{'' if bias else ' no bias'}{'' if r == 1 else f' ({r} rows)'}: "
+                       f"{'split' if sp < pl else 'F.linear'} ({sp * 1e6:.0f} vs {pl * 1e6:.0f} us)"
+                       for (o, i, r, _, bias), (sp, pl) in kv_cache._SPLIT_TIMINGS.items())
+    print(f"part 27's first-use timing, row split vs F.linear per matrix shape: {chosen or 'none (not on a CPU)'}")
     print(f"\n{'contestant':16s} {'tok/s':>7s} {'ms/token':>9s} {'MB/token':>9s} {'floor tok/s':>11s} {'share':>7s}  tokens")
     for name in contestants:
         tps, fl = n / med[name], statistics.median(bw_at[name]) / floors[name]

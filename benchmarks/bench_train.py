@@ -13,7 +13,9 @@ Not a test (speed is never asserted). Configuration: GPT-2 124M, context 256, ba
   + explicit att  back to the explicit attention: the same work as book + levers, in our code
   + small ops     FastGPTModel (unpadded): one kernel per LayerNorm and GELU (F.layer_norm, F.gelu)
   + chunked CE    train_step(cross_entropy=chunked_cross_entropy): the loss without full-size float32 copies
-                  of the logits. OUR FAST PATH on a CPU
+                  of the logits
+  + cheap dropout FastGPTModel's fast_dropout: each mask from 32 random bits instead of PyTorch's bernoulli_
+                  (same distribution, other draws than the rungs above). OUR FAST PATH on a CPU
   + pad vocab     the fast path with the vocabulary padded to 50,304 (a GPU lever: appendix E measured it
                   slower on this CPU, so it is raced but not part of the fast path)
   + compile       torch.compile of the fast path's model (only with --compile; compile time printed apart)
@@ -41,7 +43,7 @@ from llm_from_scratch.speed import (bf16_helps, chunked_cross_entropy, fast_adam
 
 BOOK = "book: llms_from_scratch GPTModel, the book's way"
 BOOK_LEVERS = "book's model + fused AdamW + bf16 autocast"
-FAST = "+ chunked cross-entropy: OUR FAST PATH"   # on a CPU: appendix E measured the padded vocabulary slower here
+FAST = "+ cheaper dropout masks: OUR FAST PATH"   # on a CPU: appendix E measured the padded vocabulary slower here
 
 
 def book_step(model, optimizer, x, y, autocast_dtype=None):
@@ -98,9 +100,11 @@ def main():
     bf16 = torch.bfloat16
     chunked = chunked_cross_entropy
 
-    def rung(model, opt, sdpa, dtype=None, cross_entropy=torch.nn.functional.cross_entropy):
+    def rung(model, opt, sdpa, dtype=None, cross_entropy=torch.nn.functional.cross_entropy, cheap_dropout=True):
         def step():
             model.set_sdpa(sdpa)
+            if hasattr(model, "fast_dropout"):
+                model.fast_dropout = cheap_dropout                    # FastGPTModel: which coin flips
             train_step(model, opt, x, y, device, autocast_dtype=dtype, cross_entropy=cross_entropy)
         return step
 
@@ -117,7 +121,8 @@ def main():
         "+ fused AdamW": (rung(ours, ours_fused, True), "fp32"),
         "+ bfloat16 autocast": (rung(ours, ours_fused, True, bf16), "bf16"),
         "+ explicit attention under dropout": (rung(ours, ours_fused, False, bf16), "bf16"),
-        "+ one kernel per LayerNorm and GELU": (rung(fused, fused_opt, True, bf16), "bf16"),
+        "+ one kernel per LayerNorm and GELU": (rung(fused, fused_opt, True, bf16, cheap_dropout=False), "bf16"),
+        "+ chunked cross-entropy": (rung(fused, fused_opt, True, bf16, chunked, cheap_dropout=False), "bf16"),
         FAST: (rung(fused, fused_opt, True, bf16, chunked), "bf16"),
         "+ vocabulary padded to 50,304": (rung(padded, padded_opt, True, bf16, chunked), "bf16"),
     }
@@ -144,8 +149,8 @@ def main():
         print(f"{name:52s}{median(ts):8.2f}{max(ts) - min(ts):8.2f}{tps:8,.0f}{book_s / median(ts):8.2f}"
               f"{tps * fpt / peak:7.1%}  {arith}")
     fast_s, levers_s = median(times[FAST]), median(times[BOOK_LEVERS])
-    print(f"fast path = FastGPTModel (unpadded: fused small ops, explicit attention under dropout on a CPU), "
-          f"fused AdamW, bfloat16 autocast, chunked cross-entropy ('{FAST}')")
+    print(f"fast path = FastGPTModel (unpadded: fused small ops, explicit attention under dropout on a CPU, "
+          f"cheaper dropout masks), fused AdamW, bfloat16 autocast, chunked cross-entropy ('{FAST}')")
     print(f"train_mfu={B * T / fast_s * fpt / peak16:.3f}")
     print(f"train_vs_book_levers={levers_s / fast_s:.2f}")
     print(f"train_vs_book={book_s / fast_s:.2f}")

@@ -3,6 +3,7 @@
 # %% ../nbs/27_whats_next.ipynb #e15e9bac
 from __future__ import annotations
 
+import time
 import weakref
 
 import torch
@@ -160,6 +161,8 @@ def cached_forward(model: GPTModel, idx: torch.Tensor, cache: KVCache, *, last_o
 # %% ../nbs/27_whats_next.ipynb #9b47e3d2
 _SPLIT_MIN_WEIGHTS = 2**16     # smaller matrices: one plain call costs less than the split
 _SPLIT_MAX_ROWS = 8            # more input rows (long prefills, big batches): the two ways time about even
+_SPLIT_MODE: bool | None = None   # None: time both ways once per shape, keep the faster; True / False: always / never
+_SPLIT_TIMINGS: dict = {}      # (out, in, rows, threads, bias?) -> (split s, plain s), best of 5 alternating calls each
 
 def _called_as_is(m: nn.Module) -> bool:
     "True if `m(x)` must run as a call: forward hooks (its own or global) or a forward replaced on the instance."
@@ -186,26 +189,10 @@ def _split_plan(layer: nn.Linear, k: int) -> tuple:
     _SPLIT_PLANS[layer] = plan
     return plan
 
-def _decode_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)` for the few rows of a decoding step, with the weights' rows shared out between the CPU threads (defined in part 27).
-
-    For a plain `nn.Linear` in float32 on the CPU with at least `_SPLIT_MIN_WEIGHTS` weights and at most
-    `_SPLIT_MAX_ROWS` input rows, the `(out, in)` weight is viewed as `k` blocks of rows and multiplied by one
-    `torch.baddbmm`, which runs the blocks on different threads; the result equals `layer(x)` up to rounding.
-    The block views are made once per layer (`_split_plan`): a step calls this some 70 times, and a matrix of
-    768 x 768 takes only tens of microseconds to read, so every tensor operation saved per call shows.
-    Every other case is `layer(x)`, and so is a layer with hooks, whose call must run.
-    """
-    if type(layer) is not nn.Linear or _called_as_is(layer):          # LoRA, quantised, hooked: its own call
-        return layer(x)
+def _split_linear(layer: nn.Linear, x: torch.Tensor, k: int, rows: int) -> torch.Tensor:
+    "`layer(x)` as `k` blocks of the weight's rows in one batched product (see `_decode_linear`)."
     w, b = layer.weight, layer.bias
     out_f, in_f = w.shape
-    rows = x.numel() // in_f if x.dim() >= 1 and x.shape[-1] == in_f else 0
-    if (not 1 <= rows <= _SPLIT_MAX_ROWS or w.numel() < _SPLIT_MIN_WEIGHTS or w.device.type != "cpu"
-            or w.dtype != torch.float32 or x.dtype != torch.float32 or not w.is_contiguous()
-            or (b is not None and (b.dtype != torch.float32 or not b.is_contiguous()))):
-        return layer(x)
-    k = max(2, torch.get_num_threads())                               # one block per thread
     _, _, _, _, n, blocks, bias = _split_plan(layer, k)
     x = x.contiguous()
     # x^T as a column-major view, strides (0, 1, in): with this layout bmm hands the blocks to the math library's
@@ -218,6 +205,57 @@ def _decode_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if rows == 1:
         return y.view(*x.shape[:-1], out_f)                           # (..., out): one row needs no transpose
     return y.view(out_f, rows).t().reshape(*x.shape[:-1], out_f)      # (..., out)
+
+def _split_wins(layer: nn.Linear, x: torch.Tensor, k: int, rows: int) -> bool:
+    """Whether the row split beats the layer's own product for this shape on this machine (defined in part 27).
+
+    It depends on the CPU and its math library: on one 2-core machine the split read weights at twice the
+    speed of `F.linear`, on another at half of it (part 6b). So unless `_SPLIT_MODE` says otherwise, the two are
+    timed against each other the first time a shape comes up (one untimed call each, then five alternating
+    calls, best time of each: a call slowed by another process does not decide) and the answer is kept in
+    `_SPLIT_TIMINGS` for the rest of the process, a few milliseconds once per shape.
+    """
+    if _SPLIT_MODE is not None:
+        return bool(_SPLIT_MODE)
+    key = (*layer.weight.shape, rows, k, layer.bias is not None)
+    if key not in _SPLIT_TIMINGS:
+        ways = (lambda: _split_linear(layer, x, k, rows), lambda: F.linear(x, layer.weight, layer.bias))
+        best = [float("inf")] * 2
+        with torch.no_grad():
+            for i in range(6):                                        # round 0 warms up
+                for j, way in enumerate(ways):
+                    t0 = time.perf_counter()
+                    way()
+                    if i:
+                        best[j] = min(best[j], time.perf_counter() - t0)
+        _SPLIT_TIMINGS[key] = tuple(best)
+    split_s, plain_s = _SPLIT_TIMINGS[key]
+    return split_s < plain_s
+
+def _decode_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` for the few rows of a decoding step, with the weights' rows shared out between the CPU threads where that is faster (defined in part 27).
+
+    For a plain `nn.Linear` in float32 on the CPU with at least `_SPLIT_MIN_WEIGHTS` weights and at most
+    `_SPLIT_MAX_ROWS` input rows, the `(out, in)` weight can be viewed as `k` blocks of rows and multiplied by
+    one `torch.baddbmm`, which runs the blocks on different threads; the result equals `layer(x)` up to
+    rounding. Whether it does is measured once per shape (`_split_wins`). The block views are made once per
+    layer (`_split_plan`): a step calls this some 70 times, and a matrix of 768 x 768 takes only tens of
+    microseconds to read, so every tensor operation saved per call shows. Every other case is `layer(x)`, and
+    so is a layer with hooks, whose call must run.
+    """
+    if type(layer) is not nn.Linear or _called_as_is(layer):          # LoRA, quantised, hooked: its own call
+        return layer(x)
+    w, b = layer.weight, layer.bias
+    out_f, in_f = w.shape
+    rows = x.numel() // in_f if x.dim() >= 1 and x.shape[-1] == in_f else 0
+    if (not 1 <= rows <= _SPLIT_MAX_ROWS or w.numel() < _SPLIT_MIN_WEIGHTS or w.device.type != "cpu"
+            or w.dtype != torch.float32 or x.dtype != torch.float32 or not w.is_contiguous()
+            or (b is not None and (b.dtype != torch.float32 or not b.is_contiguous()))):
+        return layer(x)
+    k = max(2, torch.get_num_threads())                               # one block per thread
+    if not _split_wins(layer, x, k, rows):
+        return F.linear(x, w, b)                                      # no hooks (checked above): the same product
+    return _split_linear(layer, x, k, rows)
 
 _FUSE_SMALL_OPS = True        # False: call the course's LayerNorm/GELU and spell attention out (the timings compare)
 

@@ -25,9 +25,9 @@ from .loss import calc_loss_batch
 from .model import GPTModel, TransformerBlock
 
 # %% auto #0
-__all__ = ['matmul_peak_flops', 'training_flops_per_token', 'padded_vocab_size', 'FastGPTModel', 'make_fast', 'fast_adamw',
-           'bf16_helps', 'train_step', 'race', 'median', 'chunked_cross_entropy', 'is_distributed', 'get_rank',
-           'get_world_size', 'is_main_process', 'setup_distributed', 'cleanup_distributed', 'rank_share',
+__all__ = ['matmul_peak_flops', 'training_flops_per_token', 'padded_vocab_size', 'fast_dropout', 'FastGPTModel', 'make_fast',
+           'fast_adamw', 'bf16_helps', 'train_step', 'race', 'median', 'chunked_cross_entropy', 'is_distributed',
+           'get_rank', 'get_world_size', 'is_main_process', 'setup_distributed', 'cleanup_distributed', 'rank_share',
            'check_batch_split', 'ddp_wrap', 'gather_rng_states', 'global_mean_loss']
 
 # %% ../nbs/appendix_e_speed.ipynb #09d5e586
@@ -58,12 +58,43 @@ def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
             raise ValueError(f"padded_vocab_size: {name}={v!r} must be a positive int.")
     return -(-vocab_size // multiple) * multiple
 
-def _fast_attention(att: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """`F.dropout(x, p, training)` with a cheaper coin flip on the CPU (defined in appendix E).
+
+    PyTorch's CPU dropout draws one float per element (`bernoulli_`) and keeps the float mask for the backward
+    pass. Here each element gets 32 random bits, drawn 64 at a time by `random_` on an int64 buffer, and is kept
+    when they clear a threshold: the chance of dropping is `round(p * 2**32) / 2**32`, within 1.2e-10 of `p`.
+    The kept elements are scaled by `1 / (1 - p)` so the expected value stays `x`. Same distribution as
+    `F.dropout`, other random draws: the same seed gives other masks than `F.dropout` does. On other devices,
+    whose dropout kernels are fused already, and inside `torch.compile` (which fuses its own), this is `F.dropout`.
+    """
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"fast_dropout: p={p!r} must be a number in [0, 1], the probability of dropping an element.")
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.dropout(x, p, training)
+    if not training or p == 0.0:
+        return x
+    cut = round(p * 2**32)                                       # drop where the 32 bits, as unsigned, fall below cut
+    if cut >= 2**32:
+        return x * 0.0                                           # p = 1 (or within 2**-33 of it): nothing kept
+    n = x.numel()
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-2**63, None)   # all 64 bits uniform
+    keep = bits.view(torch.int32)[:n].view(x.shape) >= cut - 2**31              # signed view of the 32 bits
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))            # the backward multiplies by the same mask
+
+def _fast_drop(drop: nn.Module, x: torch.Tensor, cheap: bool) -> torch.Tensor:
+    "`drop(x)`, through `fast_dropout` when `cheap` and `drop` is a plain `nn.Dropout` without hooks."
+    if not cheap or type(drop) is not nn.Dropout or _called_as_is(drop):
+        return drop(x)
+    return fast_dropout(x, drop.p, drop.training)
+
+def _fast_attention(att: nn.Module, x: torch.Tensor, cheap_dropout: bool = False) -> torch.Tensor:
     """`att(x)` for part 12's `MultiHeadAttention`: fused (SDPA) where PyTorch has a fused kernel, else the explicit path (defined in appendix E).
 
     A CPU has no fused kernel for attention *with dropout*: SDPA then falls back to an unfused path that the
     profile below shows slower than part 12's explicit one, so training on a CPU takes the explicit path.
-    Any other module, or one with hooks, is called as it is.
+    `cheap_dropout=True` draws its dropout mask with `fast_dropout`. Any other module, or one with hooks, is
+    called as it is.
     """
     if type(att) is not MultiHeadAttention or _called_as_is(att):
         return att(x)
@@ -74,21 +105,23 @@ def _fast_attention(att: nn.Module, x: torch.Tensor) -> torch.Tensor:
         context = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)   # (B, H, T, hd)
     else:
         weights = causal_attention_weights(q, k, att.mask[:t, :t])                      # (B, H, T, T)
-        context = att.dropout(weights) @ v                                              # (B, H, T, hd)
+        context = _fast_drop(att.dropout, weights, cheap_dropout) @ v                                             # (B, H, T, hd)
     return att.out_proj(context.transpose(1, 2).reshape(b, t, att.d_out))               # (B, T, C)
 
-def _fast_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _fast_block(block: nn.Module, x: torch.Tensor, cheap_dropout: bool = False) -> torch.Tensor:
     """`block(x)` for a `TransformerBlock`, with one PyTorch kernel per LayerNorm and GELU (defined in appendix E).
 
     Part 27's helpers do the fusing: `F.layer_norm` for the course's `LayerNorm`, `F.gelu(approximate="tanh")`
     for its GELU, the same formulas (equal up to float rounding). Dropout is drawn in the same order as in
-    `block(x)`, so with the same seed and the explicit attention both give the same result. A block of
-    another kind, or one with hooks, is called as it is.
+    `block(x)`, so with the same seed and the explicit attention both give the same result; with
+    `cheap_dropout=True` the masks come from `fast_dropout` instead (same distribution, other draws). A block
+    of another kind, or one with hooks, is called as it is.
     """
     if type(block) is not TransformerBlock or _called_as_is(block):
         return block(x)
-    x = x + block.drop_shortcut(_fast_attention(block.att, _decode_norm(block.norm1, x)))   # (B, T, C)
-    x = x + block.drop_shortcut(_decode_ff(block.ff, _decode_norm(block.norm2, x)))         # (B, T, C)
+    attended = _fast_attention(block.att, _decode_norm(block.norm1, x), cheap_dropout)
+    x = x + _fast_drop(block.drop_shortcut, attended, cheap_dropout)                        # (B, T, C)
+    x = x + _fast_drop(block.drop_shortcut, _decode_ff(block.ff, _decode_norm(block.norm2, x)), cheap_dropout)
     return x
 
 class FastGPTModel(GPTModel):
@@ -101,12 +134,16 @@ class FastGPTModel(GPTModel):
     back, so `GPTModel(cfg).load_state_dict(fast.book_state_dict())` works. `tie_weights=True` makes
     `out_head` share `tok_emb`'s matrix, as OpenAI's GPT-2 does (about 38.6M fewer parameters for 124M).
     With `fuse_small_ops=True` each block runs through `_fast_block` (one kernel per LayerNorm and GELU,
-    attention fused where a fused kernel exists); `False` is `GPTModel`'s own forward.
+    attention fused where a fused kernel exists); `False` is `GPTModel`'s own forward. With `fast_dropout=True`
+    (and fused small ops) the dropout masks on a CPU come from `fast_dropout`: same distribution, other random
+    draws. Set it (or the attribute) to `False` to draw them as `GPTModel` does, so that the same seed gives
+    the same masks.
     """
     def __init__(self, cfg: Mapping, *, pad_vocab_multiple: int | None = 64, tie_weights: bool = False,
-                 use_sdpa: bool = True, fuse_small_ops: bool = True):
+                 use_sdpa: bool = True, fuse_small_ops: bool = True, fast_dropout: bool = True):
         super().__init__(cfg, use_sdpa=use_sdpa)
         self.fuse_small_ops = bool(fuse_small_ops)
+        self.fast_dropout = bool(fast_dropout)
         vocab, d = self.cfg["vocab_size"], self.cfg["emb_dim"]
         self.padded_vocab = vocab if pad_vocab_multiple is None else padded_vocab_size(vocab, pad_vocab_multiple)
         if self.padded_vocab != vocab:
@@ -131,12 +168,12 @@ class FastGPTModel(GPTModel):
             self._check_input(in_idx)
             t = in_idx.shape[1]
             x = self.tok_emb(in_idx) + self.pos_emb(torch.arange(t, device=in_idx.device))   # (B, T, C)
-            x = self.drop_emb(x)
+            x = _fast_drop(self.drop_emb, x, self.fast_dropout)
             if _called_as_is(self.trf_blocks):
                 x = self.trf_blocks(x)
             else:
                 for block in self.trf_blocks:
-                    x = _fast_block(block, x)             # (B, T, C)
+                    x = _fast_block(block, x, self.fast_dropout)   # (B, T, C)
             logits = self.out_head(_decode_norm(self.final_norm, x))   # (B, T, padded_vocab)
         return logits[..., :self.cfg["vocab_size"]]      # (B, T, vocab_size): a view, padding dropped
 
@@ -149,7 +186,7 @@ class FastGPTModel(GPTModel):
         return sd
 
 def make_fast(model: GPTModel, *, pad_vocab_multiple: int | None = 64, tie_weights: bool = False,
-              use_sdpa: bool = True, fuse_small_ops: bool = True) -> FastGPTModel:
+              use_sdpa: bool = True, fuse_small_ops: bool = True, fast_dropout: bool = True) -> FastGPTModel:
     """A `FastGPTModel` holding a copy of `model`'s weights, on the same device (defined in appendix E).
 
     `model` itself is left unchanged. With `tie_weights=True` both names get `model.tok_emb`'s matrix (GPT-2's
@@ -158,7 +195,7 @@ def make_fast(model: GPTModel, *, pad_vocab_multiple: int | None = 64, tie_weigh
     if not isinstance(model, GPTModel):
         raise TypeError(f"make_fast: expected a GPTModel, got {type(model).__name__}.")
     fast = FastGPTModel(model.cfg, pad_vocab_multiple=pad_vocab_multiple, tie_weights=tie_weights, use_sdpa=use_sdpa,
-                        fuse_small_ops=fuse_small_ops)
+                        fuse_small_ops=fuse_small_ops, fast_dropout=fast_dropout)
     fast.to(model.tok_emb.weight.device)
     src, dst = model.state_dict(), fast.state_dict()
     with torch.no_grad():

@@ -1,6 +1,8 @@
 """Part 27's `_decode_linear`: the row-split matrix product of a decoding step equals the layer's own product (up to
 float32 rounding) in every shape it takes over, leaves every other case to the layer itself, and cached decoding
-through it still gives the uncached model's tokens. Speed is measured by benchmarks/bench_generate.py, never here."""
+through it still gives the uncached model's tokens; where the split is used is decided by a timing kept per shape
+(`_split_wins`), which these tests either force (`_SPLIT_MODE`) or feed. Speed is measured by
+benchmarks/bench_generate.py, never here."""
 import pytest
 import torch
 from torch import nn
@@ -22,7 +24,8 @@ def _linear(out_f, in_f, bias=True, seed=0):
 
 @pytest.fixture
 def spy(monkeypatch):
-    "Count the batched products `_decode_linear` issues, to know that the split path ran."
+    "Count the batched products `_decode_linear` issues, to know that the split path ran (forced on: the timing may refuse it)."
+    monkeypatch.setattr(kv, "_SPLIT_MODE", True)
     calls = []
     for name in ("bmm", "baddbmm"):
         real = getattr(torch, name)
@@ -45,7 +48,7 @@ def test_split_equals_the_layer(out_f, bias, shape, spy):
 
 
 @pytest.mark.parametrize("threads", [1, 3])                          # k = max(2, threads): 3 leaves 1001 % 3 rows
-def test_block_count_follows_the_threads(threads):
+def test_block_count_follows_the_threads(threads, spy):
     layer, x = _linear(1001, 300), torch.randn(2, 1, 300)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -107,6 +110,7 @@ def test_cached_decoding_through_the_split_gives_the_uncached_tokens(batch, monk
 @pytest.mark.parametrize("where", ["ff", "linear", "out_head"])
 def test_hooks_and_replaced_forwards_still_run(where, monkeypatch):
     monkeypatch.setattr(kv, "_SPLIT_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(kv, "_SPLIT_MODE", True)
     torch.manual_seed(0)
     model = GPTModel(CFG).eval()
     block = model.trf_blocks[0]
@@ -159,3 +163,34 @@ def test_the_block_views_follow_the_layers_weights(spy):
     import gc
     gc.collect()
     assert len(kv._SPLIT_PLANS) == n_plans - 1
+
+
+def test_the_split_is_used_only_where_it_timed_faster(monkeypatch):
+    """With `_SPLIT_MODE=None` the first call of a shape times both ways and keeps both times; later calls follow
+    the faster one without timing again, per shape (rows, threads and bias are part of the shape); `False` never
+    splits. Both ways give the layer's product."""
+    monkeypatch.setattr(kv, "_SPLIT_MODE", None)
+    monkeypatch.setattr(kv, "_SPLIT_TIMINGS", {})
+    calls = []
+    real_bmm, real_baddbmm = torch.bmm, torch.baddbmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or real_bmm(*a, **k))
+    monkeypatch.setattr(torch, "baddbmm", lambda *a, **k: calls.append(1) or real_baddbmm(*a, **k))
+    layer, x = _linear(512, 300), torch.randn(1, 1, 300)
+    key = (512, 300, 1, max(2, torch.get_num_threads()), True)
+    with torch.no_grad():
+        torch.testing.assert_close(kv._decode_linear(layer, x), layer(x), **TOL)
+        split_s, plain_s = kv._SPLIT_TIMINGS[key]                     # measured on first use
+        assert 0 < split_s < 1 and 0 < plain_s < 1
+        assert len(calls) == 6 + (split_s < plain_s)                  # 6 timed splits, then the call itself
+        for split_wins in (True, False):                              # feed the outcome, check it is followed
+            kv._SPLIT_TIMINGS[key] = (1.0, 2.0) if split_wins else (2.0, 1.0)
+            calls.clear()
+            torch.testing.assert_close(kv._decode_linear(layer, x), layer(x), **TOL)
+            assert len(calls) == split_wins, split_wins
+        kv._decode_linear(layer, torch.randn(3, 1, 300))              # 3 rows: another shape, timed on its own
+        assert (512, 300, 3, key[3], True) in kv._SPLIT_TIMINGS and len(kv._SPLIT_TIMINGS) == 2
+        kv._SPLIT_TIMINGS[key] = (1.0, 2.0)
+        monkeypatch.setattr(kv, "_SPLIT_MODE", False)
+        calls.clear()
+        torch.testing.assert_close(kv._decode_linear(layer, x), layer(x), **TOL)
+        assert not calls                                              # never, whatever the timings say

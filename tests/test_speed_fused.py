@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from llm_from_scratch.core import set_seed
 from llm_from_scratch.loss import calc_loss_batch
 from llm_from_scratch.model import GPTModel
-from llm_from_scratch.speed import chunked_cross_entropy, fast_adamw, make_fast, train_step
+from llm_from_scratch.speed import chunked_cross_entropy, fast_adamw, fast_dropout, make_fast, train_step
 
 CFG = {"vocab_size": 500, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
        "drop_rate": 0.1, "qkv_bias": True}
@@ -35,10 +35,11 @@ def test_fused_forward_equals_the_models_own_in_eval(t):
 
 def test_fused_training_forward_draws_the_same_dropout_as_the_explicit_model():
     """In training on a CPU the fused path uses the explicit attention (SDPA has no fused kernel with dropout
-    there) and draws the dropout masks in the module's order: same seed, same logits and gradients."""
+    there) and, with fast_dropout=False, draws the dropout masks as the model does: same seed, same logits and
+    gradients."""
     set_seed(0)
     plain = GPTModel(CFG).train()                              # explicit attention, spelled-out small ops
-    fused = make_fast(plain, pad_vocab_multiple=None).train()  # use_sdpa=True, but dropout on a CPU
+    fused = make_fast(plain, pad_vocab_multiple=None, fast_dropout=False).train()   # use_sdpa=True, but dropout on a CPU
     x, y = _batch(2)
     set_seed(5)
     lp = calc_loss_batch(x, y, plain, "cpu")
@@ -70,6 +71,75 @@ def test_hooked_and_replaced_modules_are_called_as_they_are():
         got = fused(x)
         fused.fuse_small_ops = False
         torch.testing.assert_close(got, fused(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_fast_dropout_drops_a_share_p_and_scales_the_rest(p):
+    """Each element is dropped with probability p (checked within 5 standard errors on 2**22 elements, for the
+    elements drawn from the low and the high half of each 64-bit draw separately); the rest are scaled by
+    1/(1-p), and the gradient is the same mask times the same scale."""
+    torch.manual_seed(11)
+    x = (torch.rand(1 << 22) + 0.5).requires_grad_()           # no zeros: a zero output means dropped
+    y = fast_dropout(x, p)
+    dropped = y == 0
+    se = (p * (1 - p) / (x.numel() / 2)) ** 0.5
+    for half in (dropped[0::2], dropped[1::2]):
+        assert abs(half.float().mean().item() - p) < 5 * se
+    kept = ~dropped
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p), rtol=1e-6, atol=0)
+    y.backward(torch.full_like(y, 2.0))
+    torch.testing.assert_close(x.grad, kept.float() * 2.0 / (1 - p), rtol=1e-6, atol=0)
+
+
+def test_fast_dropout_edge_cases_seed_and_errors():
+    x = torch.randn(5, 7, 3)
+    assert fast_dropout(x, 0.3, training=False) is x and fast_dropout(x, 0.0) is x
+    assert not fast_dropout(x, 1.0).any() and fast_dropout(x, 1.0).shape == x.shape
+    torch.manual_seed(3)
+    a = fast_dropout(x, 0.5)
+    torch.manual_seed(3)
+    torch.testing.assert_close(fast_dropout(x, 0.5), a, rtol=0, atol=0)    # the global seed decides the mask
+    assert not torch.equal(fast_dropout(x, 0.5), a)
+    assert fast_dropout(x.bfloat16(), 0.5).dtype == torch.bfloat16
+    odd = torch.randn(7)                                       # an odd count: half of the last 64-bit draw unused
+    assert fast_dropout(odd, 0.5).shape == (7,)
+    for bad in (-0.1, 1.5, "0.1", True, float("nan")):
+        with pytest.raises(ValueError, match="must be a number in"):
+            fast_dropout(x, bad)
+
+
+def test_fast_dropout_in_the_model_same_distribution_other_draws():
+    """With fast_dropout=True (the default) training differs from the explicit model's draws but repeats itself
+    for one seed, eval is untouched, and with dropout 0 training equals the explicit model."""
+    set_seed(0)
+    plain = GPTModel(CFG).train()
+    fused = make_fast(plain, pad_vocab_multiple=None).train()
+    assert fused.fast_dropout
+    x, y = _batch(2)
+    set_seed(5)
+    lp = calc_loss_batch(x, y, plain, "cpu")
+    set_seed(5)
+    lf = calc_loss_batch(x, y, fused, "cpu")
+    set_seed(5)
+    assert calc_loss_batch(x, y, fused, "cpu").item() == lf.item()
+    assert abs(lf.item() - lp.item()) > 1e-4                   # other masks
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-5)
+    set_seed(0)
+    plain0 = GPTModel({**CFG, "drop_rate": 0.0}).train()
+    fused0 = make_fast(plain0, pad_vocab_multiple=None).train()
+    torch.testing.assert_close(calc_loss_batch(x, y, fused0, "cpu"), calc_loss_batch(x, y, plain0, "cpu"),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_hooked_dropout_is_called_as_it_is():
+    set_seed(0)
+    fused = make_fast(GPTModel(CFG), pad_vocab_multiple=None).train()
+    calls = []
+    fused.trf_blocks[0].drop_shortcut.register_forward_hook(lambda m, i, o: calls.append("shortcut"))
+    fused.trf_blocks[1].att.dropout.register_forward_hook(lambda m, i, o: calls.append("att"))
+    fused(_batch()[0])
+    assert calls == ["shortcut", "shortcut", "att"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
