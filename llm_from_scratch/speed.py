@@ -78,7 +78,7 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tens
     if cut >= 2**32:
         return x * 0.0                                           # p = 1 (or within 2**-33 of it): nothing kept
     n = x.numel()
-    bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-2**63, None)   # all 64 bits uniform
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=x.device).random_(-2**63, None)   # 64 uniform bits
     keep = bits.view(torch.int32)[:n].view(x.shape) >= cut - 2**31              # signed view of the 32 bits
     return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))            # the backward multiplies by the same mask
 
