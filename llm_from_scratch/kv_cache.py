@@ -3,13 +3,13 @@
 # %% ../nbs/27_whats_next.ipynb #e15e9bac
 from __future__ import annotations
 
-import time
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core import time_call
 from .feed_forward import GELU, FeedForward
 from .layer_norm import LayerNorm
 from .model import GPTModel, TransformerBlock
@@ -162,7 +162,7 @@ def cached_forward(model: GPTModel, idx: torch.Tensor, cache: KVCache, *, last_o
 _SPLIT_MIN_WEIGHTS = 2**16     # smaller matrices: one plain call costs less than the split
 _SPLIT_MAX_ROWS = 8            # more input rows (long prefills, big batches): the two ways time about even
 _SPLIT_MODE: bool | None = None   # None: time both ways once per shape, keep the faster; True / False: always / never
-_SPLIT_TIMINGS: dict = {}      # (out, in, rows, threads, bias?) -> (split s, plain s), best of 5 alternating calls each
+_SPLIT_TIMINGS: dict = {}      # (out, in, rows, threads, bias?) -> (split s, plain s), best of 5 calls each
 
 def _called_as_is(m: nn.Module) -> bool:
     "True if `m(x)` must run as a call: forward hooks (its own or global) or a forward replaced on the instance."
@@ -211,24 +211,17 @@ def _split_wins(layer: nn.Linear, x: torch.Tensor, k: int, rows: int) -> bool:
 
     It depends on the CPU and its math library: on one 2-core machine the split read weights at twice the
     speed of `F.linear`, on another at half of it (part 6b). So unless `_SPLIT_MODE` says otherwise, the two are
-    timed against each other the first time a shape comes up (one untimed call each, then five alternating
-    calls, best time of each: a call slowed by another process does not decide) and the answer is kept in
-    `_SPLIT_TIMINGS` for the rest of the process, a few milliseconds once per shape.
+    timed with part 1's `time_call` the first time a shape comes up (one untimed call each, then the best of
+    five: a call slowed by another process does not decide) and the answer is kept in `_SPLIT_TIMINGS` for the
+    rest of the process, a few milliseconds once per shape.
     """
     if _SPLIT_MODE is not None:
         return bool(_SPLIT_MODE)
     key = (*layer.weight.shape, rows, k, layer.bias is not None)
     if key not in _SPLIT_TIMINGS:
         ways = (lambda: _split_linear(layer, x, k, rows), lambda: F.linear(x, layer.weight, layer.bias))
-        best = [float("inf")] * 2
         with torch.no_grad():
-            for i in range(6):                                        # round 0 warms up
-                for j, way in enumerate(ways):
-                    t0 = time.perf_counter()
-                    way()
-                    if i:
-                        best[j] = min(best[j], time.perf_counter() - t0)
-        _SPLIT_TIMINGS[key] = tuple(best)
+            _SPLIT_TIMINGS[key] = tuple(time_call(way, repeats=5, warmup=1, device="cpu").best for way in ways)
     split_s, plain_s = _SPLIT_TIMINGS[key]
     return split_s < plain_s
 
